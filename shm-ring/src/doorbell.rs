@@ -1,0 +1,453 @@
+//! Doorbells: how a side that found nothing to do sleeps, and how the other
+//! side wakes it without a syscall while traffic flows.
+//!
+//! Each side owns a [`WakeCell`] in shared memory. The waiting side spins
+//! for a configurable budget, then announces that it will sleep and checks
+//! its condition once more before it blocks:
+//!
+//! ```text
+//! waiter                                  notifier
+//! seq = cell.seq                          publish (tail/head store, release)
+//! cell.sleeping = 1                       fence(SeqCst)            -- SYNC POINT C
+//! fence(SeqCst)          -- SYNC POINT C  if cell.sleeping.swap(0) == 1:
+//! if ready(): cancel                          cell.seq += 1
+//! else block(seq)                             ring the bell (futex wake / eventfd write)
+//! ```
+//!
+//! The two SeqCst fences order "store flag; load counter" against "store
+//! counter; load flag": at least one side sees the other's store, so either
+//! the waiter sees the new data and does not sleep, or the notifier sees the
+//! flag and rings. The futex variant waits on `seq` with the value read
+//! before announcing, so a ring between the announcement and the block is
+//! never lost; an eventfd keeps its count, so the same holds there.
+//! The notifier rings only when the flag says someone sleeps: under load no
+//! side makes a syscall.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::sync::{fence, spin_hint, AtomicU32, Ordering};
+
+/// One side's sleep announcement, in shared memory.
+#[repr(C)]
+pub struct WakeCell {
+    inner: CachePadded<WakeCellInner>,
+}
+
+#[repr(C)]
+struct WakeCellInner {
+    /// 1 while the owner is (about to be) blocked; set by the owner, cleared
+    /// by whoever wakes it.
+    sleeping: AtomicU32,
+    /// Bumped by each wake; the futex word.
+    seq: AtomicU32,
+}
+
+impl WakeCell {
+    /// A cell with nobody sleeping.
+    pub fn new() -> Self {
+        WakeCell {
+            inner: CachePadded::new(WakeCellInner {
+                sleeping: AtomicU32::new(0),
+                seq: AtomicU32::new(0),
+            }),
+        }
+    }
+}
+
+impl Default for WakeCell {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How a sleeping side is woken.
+#[derive(Clone)]
+pub enum Bell {
+    /// An eventfd: pollable (epoll, tokio's `AsyncFd`, io_uring, poll), so a
+    /// side can also wait for other fds at the same time. Shared across
+    /// processes by passing the fd.
+    EventFd(Arc<OwnedFd>),
+    /// A futex on the cell's `seq` word in shared memory. Cheapest, but only
+    /// blocks on this one condition.
+    Futex,
+}
+
+impl Bell {
+    /// A new non-blocking, close-on-exec eventfd bell.
+    ///
+    /// # Errors
+    /// When the kernel refuses an eventfd.
+    pub fn eventfd() -> io::Result<Bell> {
+        // SAFETY: eventfd has no memory-safety preconditions; the result is
+        // checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor that nothing else owns.
+        Ok(Bell::EventFd(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    /// Wrap an eventfd received from the peer.
+    pub fn from_eventfd(fd: OwnedFd) -> Bell {
+        Bell::EventFd(Arc::new(fd))
+    }
+
+    /// The eventfd, if this is one (to register with a poller or pass on).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match self {
+            Bell::EventFd(fd) => Some(fd.as_fd()),
+            Bell::Futex => None,
+        }
+    }
+}
+
+/// What ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The condition became true.
+    Ready,
+    /// The deadline passed first.
+    TimedOut,
+    /// The extra fd became readable (e.g. the control socket: the peer died).
+    Other,
+}
+
+/// A pointer to a wake cell plus the memory owner that keeps it valid.
+#[derive(Clone)]
+struct CellRef {
+    cell: NonNull<WakeCell>,
+    _owner: Arc<dyn Send + Sync>,
+}
+
+// SAFETY: the cell is only atomics, kept alive by `_owner` (Send + Sync).
+unsafe impl Send for CellRef {}
+// SAFETY: as above: every access is atomic.
+unsafe impl Sync for CellRef {}
+
+impl CellRef {
+    fn get(&self) -> &WakeCellInner {
+        // SAFETY: constructed from a valid, aligned WakeCell that `_owner`
+        // keeps mapped; only atomics inside.
+        unsafe { &self.cell.as_ref().inner }
+    }
+}
+
+/// The sleeping side's half of a doorbell.
+#[derive(Clone)]
+pub struct Waiter {
+    cell: CellRef,
+    bell: Bell,
+    spin: u32,
+}
+
+/// The waking side's half of a doorbell.
+#[derive(Clone)]
+pub struct Notifier {
+    cell: CellRef,
+    bell: Bell,
+}
+
+/// A waiter/notifier pair on a heap cell (for two threads of one process).
+pub fn heap_doorbell(bell: Bell, spin: u32) -> (Waiter, Notifier) {
+    let owner = Arc::new(WakeCell::new());
+    let cell = NonNull::from(&*owner);
+    let r = CellRef {
+        cell,
+        _owner: owner,
+    };
+    (
+        Waiter {
+            cell: r.clone(),
+            bell: bell.clone(),
+            spin,
+        },
+        Notifier { cell: r, bell },
+    )
+}
+
+pub(crate) fn pair_on(
+    cell: NonNull<WakeCell>,
+    owner: Arc<dyn Send + Sync>,
+    bell: Bell,
+) -> (Waiter, Notifier) {
+    let r = CellRef {
+        cell,
+        _owner: owner,
+    };
+    (
+        Waiter {
+            cell: r.clone(),
+            bell: bell.clone(),
+            spin: 0,
+        },
+        Notifier { cell: r, bell },
+    )
+}
+
+impl Waiter {
+    /// Set how many times [`Waiter::wait_until`] polls before it sleeps (0 = never spin).
+    pub fn set_spin(&mut self, spin: u32) {
+        self.spin = spin;
+    }
+
+    /// The spin budget.
+    pub fn spin(&self) -> u32 {
+        self.spin
+    }
+
+    /// The bell (its fd, for an event loop that waits itself).
+    pub fn bell(&self) -> &Bell {
+        &self.bell
+    }
+
+    /// Announce that this side is about to sleep. Re-check the condition
+    /// after this; if it holds, call [`Waiter::cancel_sleep`], else block
+    /// ([`Waiter::block`], or wait for the eventfd in an event loop, then
+    /// [`Waiter::cancel_sleep`]). Returns the token for `block`.
+    pub fn announce_sleep(&self) -> u32 {
+        let c = self.cell.get();
+        let seq = c.seq.load(Ordering::Acquire);
+        c.sleeping.store(1, Ordering::Relaxed);
+        // SYNC POINT C: the flag store is ordered before the caller's
+        // re-check of the ring counters (pairs with Notifier::notify's fence).
+        fence(Ordering::SeqCst);
+        seq
+    }
+
+    /// Withdraw the announcement (the condition held, or we woke up).
+    pub fn cancel_sleep(&self) {
+        self.cell.get().sleeping.store(0, Ordering::Relaxed);
+    }
+
+    /// Consume pending eventfd wake-ups (non-blocking), so that a pollable
+    /// eventfd goes quiet again. No-op for the futex bell.
+    pub fn drain(&self) {
+        if let Bell::EventFd(fd) = &self.bell {
+            let mut v = 0u64;
+            // SAFETY: reading 8 bytes into a local u64 from a non-blocking
+            // eventfd we own; the result is ignored (EAGAIN means nothing pending).
+            let _ = unsafe { libc::read(fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+
+    /// Block until rung (or `deadline`, or `extra` readable). Call after
+    /// [`Waiter::announce_sleep`] returned `token` and the re-check failed.
+    /// Spurious returns are possible: re-check the condition.
+    ///
+    /// # Errors
+    /// A failing poll/futex syscall (not EINTR, which just returns).
+    pub fn block(
+        &self,
+        token: u32,
+        deadline: Option<Instant>,
+        extra: Option<BorrowedFd<'_>>,
+    ) -> io::Result<WaitOutcome> {
+        let timeout = match deadline {
+            Some(d) => {
+                let now = Instant::now();
+                if d <= now {
+                    return Ok(WaitOutcome::TimedOut);
+                }
+                Some(d - now)
+            }
+            None => None,
+        };
+        match &self.bell {
+            Bell::EventFd(fd) => {
+                let r = poll2(fd.as_raw_fd(), extra.map(|e| e.as_raw_fd()), timeout)?;
+                if r.1 {
+                    return Ok(WaitOutcome::Other);
+                }
+                if r.0 {
+                    self.drain();
+                }
+                Ok(WaitOutcome::Ready)
+            }
+            Bell::Futex => {
+                if extra.is_some() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "a futex bell cannot also wait for an fd",
+                    ));
+                }
+                futex_wait(&self.cell.get().seq, token, timeout)?;
+                Ok(WaitOutcome::Ready)
+            }
+        }
+    }
+
+    /// Wait until `ready()` holds: spin up to the budget, then sleep on the
+    /// bell. `extra` (eventfd bell only) ends the wait when readable.
+    ///
+    /// # Errors
+    /// A failing syscall.
+    pub fn wait_until(
+        &self,
+        mut ready: impl FnMut() -> bool,
+        deadline: Option<Instant>,
+        extra: Option<BorrowedFd<'_>>,
+    ) -> io::Result<WaitOutcome> {
+        for _ in 0..self.spin {
+            if ready() {
+                return Ok(WaitOutcome::Ready);
+            }
+            spin_hint();
+        }
+        loop {
+            if ready() {
+                return Ok(WaitOutcome::Ready);
+            }
+            let token = self.announce_sleep();
+            if ready() {
+                self.cancel_sleep();
+                return Ok(WaitOutcome::Ready);
+            }
+            let out = self.block(token, deadline, extra);
+            self.cancel_sleep();
+            match out? {
+                WaitOutcome::Ready => {}
+                other => return Ok(if ready() { WaitOutcome::Ready } else { other }),
+            }
+            if let Some(d) = deadline {
+                if Instant::now() >= d && !ready() {
+                    return Ok(WaitOutcome::TimedOut);
+                }
+            }
+        }
+    }
+}
+
+impl Notifier {
+    /// Wake the other side if (and only if) it announced sleep. Call after
+    /// publishing. No syscall when nobody sleeps.
+    pub fn notify(&self) {
+        // SYNC POINT C: our publish (a store) is ordered before the flag
+        // load (pairs with Waiter::announce_sleep's fence).
+        fence(Ordering::SeqCst);
+        let c = self.cell.get();
+        if c.sleeping.load(Ordering::Relaxed) != 0 && c.sleeping.swap(0, Ordering::AcqRel) != 0 {
+            c.seq.fetch_add(1, Ordering::Release);
+            self.ring();
+        }
+    }
+
+    /// Ring unconditionally (e.g. to make a waiter re-check after shutdown).
+    pub fn ring(&self) {
+        match &self.bell {
+            Bell::EventFd(fd) => {
+                let one = 1u64;
+                // SAFETY: writing 8 bytes from a local u64 to an eventfd; an
+                // error (counter saturated, peer gone) only means a wake-up is
+                // already pending or pointless.
+                let _ = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+            }
+            Bell::Futex => futex_wake(&self.cell.get().seq),
+        }
+    }
+}
+
+/// poll() on one or two fds for reading; returns (first ready, second ready).
+fn poll2(a: RawFd, b: Option<RawFd>, timeout: Option<Duration>) -> io::Result<(bool, bool)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    let ms = match timeout {
+        Some(t) => t.as_millis().clamp(1, i32::MAX as u128) as i32,
+        None => -1,
+    };
+    let n = if b.is_some() { 2 } else { 1 };
+    // SAFETY: fds is a valid array of `n` pollfd structs for the call's duration.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::Interrupted {
+            return Ok((false, false));
+        }
+        return Err(e);
+    }
+    let bad = libc::POLLIN | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+    Ok((
+        fds[0].revents != 0,
+        b.is_some() && fds[1].revents & bad != 0,
+    ))
+}
+
+#[cfg(not(loom))]
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> io::Result<()> {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    });
+    let tsp = ts
+        .as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a valid, aligned u32 (an AtomicU32) for the call;
+    // FUTEX_WAIT (not private: the word may be in memory shared with another
+    // process) only reads it; tsp is null or points to a live timespec.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            tsp,
+            std::ptr::null::<u32>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) | Some(libc::ETIMEDOUT) => Ok(()),
+            _ => Err(e),
+        }
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(not(loom))]
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE does not access
+    // memory beyond using its address as a key.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0u32,
+        );
+    }
+}
+
+// Under loom the futex is modelled by yielding until `seq` moves: a lost
+// wake-up then shows up as a livelock that loom reports.
+#[cfg(loom)]
+fn futex_wait(word: &AtomicU32, expected: u32, _timeout: Option<Duration>) -> io::Result<()> {
+    while word.load(Ordering::Acquire) == expected {
+        loom::thread::yield_now();
+    }
+    Ok(())
+}
+
+#[cfg(loom)]
+fn futex_wake(_word: &AtomicU32) {}

@@ -1,0 +1,292 @@
+//! Messages of any size up to a configured maximum, carried as one frame or
+//! as a run of fragments (`MORE`/`CONT` flags), and put back together.
+//!
+//! Fragments of one message are contiguous in a ring: a producer finishes a
+//! message before it starts the next, so the consumer keeps at most one
+//! partial message per ring.
+
+use crate::error::RingError;
+use crate::frame::{FrameHeader, FrameKind, FLAG_CONT, FLAG_MORE};
+use crate::ring::Producer;
+
+/// Where a message being written stands; keep it to resume after
+/// [`RingError::Full`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteProgress {
+    /// message bytes already staged
+    pub sent: usize,
+}
+
+/// Stage `parts` (concatenated: metadata then body) as one message of `kind`
+/// on `stream_id`, from `progress.sent` on, in as many frames as needed.
+/// Returns `Ok(true)` when all of it is staged, `Ok(false)` when the ring
+/// filled first (publish, wait for room, call again with the same progress).
+///
+/// # Errors
+/// [`RingError::TooLarge`] when the message exceeds `u32::MAX` bytes; ring
+/// errors from the producer.
+pub fn write_message(
+    tx: &mut Producer,
+    kind: FrameKind,
+    stream_id: u64,
+    meta_len: usize,
+    parts: &[&[u8]],
+    progress: &mut WriteProgress,
+) -> Result<bool, RingError> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    if total > u32::MAX as usize || meta_len > total {
+        return Err(RingError::TooLarge(total));
+    }
+    let max = tx.max_payload();
+    loop {
+        let first = progress.sent == 0;
+        let remaining = total - progress.sent;
+        if !first && remaining == 0 {
+            return Ok(true);
+        }
+        let chunk = remaining.min(max);
+        let mut g = match tx.reserve(chunk) {
+            Ok(g) => g,
+            Err(RingError::Full) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        // Gather [sent, sent + chunk) of the concatenated parts.
+        let mut skip = progress.sent;
+        let mut off = 0;
+        for p in parts {
+            if off == chunk {
+                break;
+            }
+            if skip >= p.len() {
+                skip -= p.len();
+                continue;
+            }
+            let n = (p.len() - skip).min(chunk - off);
+            g.write_at(off, &p[skip..skip + n]);
+            off += n;
+            skip = 0;
+        }
+        let more = chunk < remaining;
+        let hdr = FrameHeader {
+            len: chunk as u32,
+            kind,
+            flags: if more { FLAG_MORE } else { 0 } | if first { 0 } else { FLAG_CONT },
+            meta_len: if first { meta_len as u32 } else { 0 },
+            msg_len: if first { total as u32 } else { 0 },
+            stream_id,
+        };
+        g.commit(hdr);
+        progress.sent += chunk;
+        if !more {
+            return Ok(true);
+        }
+    }
+}
+
+/// A whole message: its kind, stream and bytes (metadata then body).
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// frame kind of the message
+    pub kind: FrameKind,
+    /// its stream
+    pub stream_id: u64,
+    /// bytes of metadata at the start of `data`
+    pub meta_len: usize,
+    /// metadata followed by body
+    pub data: &'a [u8],
+}
+
+impl<'a> Message<'a> {
+    /// The metadata bytes.
+    pub fn meta(&self) -> &'a [u8] {
+        &self.data[..self.meta_len]
+    }
+    /// The body bytes.
+    pub fn body(&self) -> &'a [u8] {
+        &self.data[self.meta_len..]
+    }
+}
+
+/// Puts fragments back together, with a bound on message size.
+pub struct Reassembler {
+    max_message: usize,
+    open: Option<Open>,
+    buf: Vec<u8>,
+}
+
+struct Open {
+    kind: FrameKind,
+    stream_id: u64,
+    meta_len: usize,
+    msg_len: usize,
+}
+
+impl Reassembler {
+    /// A reassembler that refuses messages over `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        Reassembler {
+            max_message,
+            open: None,
+            buf: Vec::new(),
+        }
+    }
+
+    /// True while a fragmented message is half received.
+    pub fn in_progress(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Feed one frame. Returns the message when this frame completes one: a
+    /// single-frame message is handed back in place (borrowing `payload`,
+    /// no copy); a fragmented one from the internal buffer.
+    ///
+    /// # Errors
+    /// [`RingError::BadMessage`] for any break of the fragment rules or the
+    /// size bound; the caller should drop the connection.
+    pub fn feed<'a>(
+        &'a mut self,
+        hdr: &FrameHeader,
+        payload: &'a [u8],
+    ) -> Result<Option<Message<'a>>, RingError> {
+        let more = hdr.flags & FLAG_MORE != 0;
+        if hdr.flags & FLAG_CONT == 0 {
+            if self.open.is_some() {
+                return Err(RingError::BadMessage(
+                    "new message before the previous one ended",
+                ));
+            }
+            if hdr.msg_len as usize > self.max_message {
+                return Err(RingError::BadMessage("message larger than max_message"));
+            }
+            if payload.len() != hdr.len as usize {
+                return Err(RingError::BadMessage("payload length mismatch"));
+            }
+            if !more {
+                return Ok(Some(Message {
+                    kind: hdr.kind,
+                    stream_id: hdr.stream_id,
+                    meta_len: hdr.meta_len as usize,
+                    data: payload,
+                }));
+            }
+            if payload.is_empty() || payload.len() >= hdr.msg_len as usize {
+                return Err(RingError::BadMessage(
+                    "first fragment empty or already complete",
+                ));
+            }
+            self.buf.clear();
+            self.buf.reserve((hdr.msg_len as usize).min(1 << 20));
+            self.buf.extend_from_slice(payload);
+            self.open = Some(Open {
+                kind: hdr.kind,
+                stream_id: hdr.stream_id,
+                meta_len: hdr.meta_len as usize,
+                msg_len: hdr.msg_len as usize,
+            });
+            return Ok(None);
+        }
+        let Some(open) = &self.open else {
+            return Err(RingError::BadMessage("continuation without a message"));
+        };
+        if open.kind != hdr.kind || open.stream_id != hdr.stream_id {
+            return Err(RingError::BadMessage(
+                "continuation of another stream or kind",
+            ));
+        }
+        if self.buf.len() + payload.len() > open.msg_len {
+            return Err(RingError::BadMessage(
+                "fragments exceed the declared length",
+            ));
+        }
+        if more && payload.is_empty() {
+            return Err(RingError::BadMessage("empty non-final fragment"));
+        }
+        self.buf.extend_from_slice(payload);
+        if more {
+            return Ok(None);
+        }
+        if self.buf.len() != open.msg_len {
+            return Err(RingError::BadMessage(
+                "message ended short of its declared length",
+            ));
+        }
+        let open = self.open.take().expect("checked above");
+        Ok(Some(Message {
+            kind: open.kind,
+            stream_id: open.stream_id,
+            meta_len: open.meta_len,
+            data: &self.buf,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ring::heap_ring;
+
+    #[test]
+    fn big_message_fragments_and_reassembles() {
+        let (mut tx, mut rx) = heap_ring(8192);
+        let meta = b"meta".to_vec();
+        let body: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut prog = WriteProgress { sent: 0 };
+        let mut re = Reassembler::new(1 << 20);
+        let mut got = None;
+        let mut frames = 0;
+        loop {
+            let done = write_message(
+                &mut tx,
+                FrameKind::Request,
+                9,
+                meta.len(),
+                &[&meta, &body],
+                &mut prog,
+            )
+            .unwrap();
+            tx.publish();
+            while let Some(f) = rx.peek().unwrap() {
+                frames += 1;
+                let h = *f.header();
+                if let Some(m) = re.feed(&h, f.payload()).unwrap() {
+                    got = Some((m.stream_id, m.meta().to_vec(), m.body().to_vec()));
+                }
+                f.release();
+            }
+            rx.publish();
+            if done {
+                break;
+            }
+        }
+        assert!(frames > 10, "expected fragmentation, got {frames} frames");
+        assert_eq!(got, Some((9, meta, body)));
+    }
+
+    #[test]
+    fn rejects_never_ending_and_overlong() {
+        let mut re = Reassembler::new(100);
+        let first = FrameHeader {
+            len: 10,
+            kind: FrameKind::Request,
+            flags: FLAG_MORE,
+            meta_len: 0,
+            msg_len: 50,
+            stream_id: 1,
+        };
+        assert!(re.feed(&first, &[0; 10]).unwrap().is_none());
+        let cont = FrameHeader {
+            len: 0,
+            flags: FLAG_MORE | FLAG_CONT,
+            meta_len: 0,
+            msg_len: 0,
+            ..first
+        };
+        assert!(re.feed(&cont, &[]).is_err());
+        let mut re = Reassembler::new(100);
+        let huge = FrameHeader {
+            msg_len: 101,
+            ..first
+        };
+        assert!(re.feed(&huge, &[0; 10]).is_err());
+    }
+}
