@@ -226,6 +226,17 @@ impl Waiter {
         self.cell.get().sleeping.store(0, Ordering::Relaxed);
     }
 
+    /// Wake this waiter from another thread of the same side (e.g. to stop
+    /// a reader): bumps the sequence and rings the bell unconditionally.
+    pub fn interrupt(&self) {
+        self.cell.get().seq.fetch_add(1, Ordering::Release);
+        Notifier {
+            cell: self.cell.clone(),
+            bell: self.bell.clone(),
+        }
+        .ring();
+    }
+
     /// Consume pending eventfd wake-ups (non-blocking), so that a pollable
     /// eventfd goes quiet again. No-op for the futex bell.
     pub fn drain(&self) {

@@ -1,0 +1,122 @@
+//! The async API, on tokio. Each connection's responses are read by a
+//! thread of its own (blocked on the doorbell eventfd and the control
+//! socket together), which completes the callers' futures.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use crate::conn::AnyConn;
+use crate::core::{Notify, Slot};
+use crate::error::{Error, Result};
+use crate::{Call, Client, ClientOptions, Response};
+
+/// An async client: the same calls as [`Client`], as futures. Dropping a
+/// call's future cancels the call.
+///
+/// ```no_run
+/// # async fn f() -> Result<(), meshshm::Error> {
+/// let client = meshshm::AsyncClient::connect(meshshm::ClientOptions::default()).await?;
+/// let reply = client.call("echo", "Echo", b"hi", std::time::Duration::from_secs(1)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AsyncClient {
+    client: Client,
+}
+
+impl AsyncClient {
+    /// Connect (the handshake runs on a blocking thread).
+    ///
+    /// # Errors
+    /// As [`Client::with_options`].
+    pub async fn connect(opts: ClientOptions) -> Result<AsyncClient> {
+        let client = tokio::task::spawn_blocking(move || Client::build(opts, true))
+            .await
+            .map_err(|e| Error::Connect {
+                target: "proxy".into(),
+                reason: e.to_string(),
+            })??;
+        Ok(AsyncClient { client })
+    }
+
+    /// Call `service`/`method`; the body of an OK response, else an error.
+    ///
+    /// # Errors
+    /// As [`Client::call`].
+    pub async fn call(
+        &self,
+        service: &str,
+        method: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>> {
+        self.invoke(&Call {
+            timeout: Some(timeout),
+            ..Call::new(service, method, body)
+        })
+        .await?
+        .into_result()
+    }
+
+    /// Make a call with every option.
+    ///
+    /// # Errors
+    /// Transport errors and timeouts.
+    pub async fn invoke(&self, call: &Call<'_>) -> Result<Response> {
+        let conn = self.client.conn()?;
+        let (id, slot) = conn.start(call, Notify::Task(Mutex::new(None)))?;
+        let pending = Pending {
+            conn,
+            id,
+            slot,
+            armed: true,
+        };
+        match call.timeout {
+            Some(t) => match tokio::time::timeout(t, pending).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout(t)),
+            },
+            None => pending.await,
+        }
+    }
+
+    /// The blocking client underneath (same connection).
+    pub fn blocking(&self) -> &Client {
+        &self.client
+    }
+}
+
+struct Pending {
+    conn: Arc<dyn AnyConn>,
+    id: u64,
+    slot: Arc<Slot>,
+    armed: bool,
+}
+
+impl Future for Pending {
+    type Output = Result<Response>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(r) = self.slot.take() {
+            self.armed = false;
+            return Poll::Ready(r);
+        }
+        self.slot.set_waker(cx.waker());
+        // Completed between the check and registering the waker?
+        if let Some(r) = self.slot.take() {
+            self.armed = false;
+            return Poll::Ready(r);
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.armed && !self.slot.is_done() {
+            self.conn.cancel(self.id);
+        }
+    }
+}

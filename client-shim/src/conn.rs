@@ -1,0 +1,311 @@
+//! One connection to the proxy (either transport) and the call protocol on
+//! top of it: register, send, then lead or follow until the response comes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use meshshm_proto::{status, RequestMeta, ResponseMeta};
+use meshshm_ring::{FrameKind, Message, WaitOutcome};
+
+use crate::core::{Core, Notify, Slot};
+use crate::error::{Error, Result};
+use crate::shm::{RxState, ShmLink};
+use crate::tcp::{TcpLink, TcpRx};
+use crate::{Call, Response};
+
+/// What a transport provides to the call protocol.
+pub(crate) trait Link: Send + Sync + 'static {
+    type Rx;
+    fn name(&self) -> &'static str;
+    fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()>;
+    fn try_rx(&self) -> Option<MutexGuard<'_, Self::Rx>>;
+    fn rx(&self) -> MutexGuard<'_, Self::Rx>;
+    fn drain(
+        &self,
+        rx: &mut Self::Rx,
+        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize>;
+    fn wait(&self, rx: &mut Self::Rx, deadline: Option<Instant>) -> Result<WaitOutcome>;
+    fn interrupt(&self);
+}
+
+impl Link for ShmLink {
+    type Rx = RxState;
+    fn name(&self) -> &'static str {
+        "shm"
+    }
+    fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
+        ShmLink::send(self, kind, id, meta, body)
+    }
+    fn try_rx(&self) -> Option<MutexGuard<'_, RxState>> {
+        ShmLink::try_rx(self)
+    }
+    fn rx(&self) -> MutexGuard<'_, RxState> {
+        ShmLink::rx(self)
+    }
+    fn drain(
+        &self,
+        rx: &mut RxState,
+        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        ShmLink::drain(self, rx, on)
+    }
+    fn wait(&self, rx: &mut RxState, deadline: Option<Instant>) -> Result<WaitOutcome> {
+        ShmLink::wait(self, rx, deadline)
+    }
+    fn interrupt(&self) {
+        ShmLink::interrupt(self)
+    }
+}
+
+impl Link for TcpLink {
+    type Rx = TcpRx;
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+    fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
+        TcpLink::send(self, kind, id, meta, body)
+    }
+    fn try_rx(&self) -> Option<MutexGuard<'_, TcpRx>> {
+        TcpLink::try_rx(self)
+    }
+    fn rx(&self) -> MutexGuard<'_, TcpRx> {
+        TcpLink::rx(self)
+    }
+    fn drain(
+        &self,
+        rx: &mut TcpRx,
+        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        TcpLink::drain(self, rx, on)
+    }
+    fn wait(&self, rx: &mut TcpRx, deadline: Option<Instant>) -> Result<WaitOutcome> {
+        TcpLink::wait(self, rx, deadline)
+    }
+    fn interrupt(&self) {
+        TcpLink::interrupt(self)
+    }
+}
+
+/// The transport-independent face of a connection.
+pub(crate) trait AnyConn: Send + Sync {
+    fn transport(&self) -> &'static str;
+    fn accepting(&self) -> bool;
+    fn invoke(&self, call: &Call<'_>) -> Result<Response>;
+    fn start(&self, call: &Call<'_>, notify: Notify) -> Result<(u64, Arc<Slot>)>;
+    fn cancel(&self, id: u64);
+    fn close(&self);
+    fn in_flight(&self) -> usize;
+}
+
+pub(crate) struct Conn<L: Link> {
+    core: Core,
+    link: L,
+    closing: AtomicBool,
+}
+
+thread_local! {
+    static META: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl<L: Link> Conn<L> {
+    pub(crate) fn new(link: L) -> Arc<Self> {
+        Arc::new(Conn {
+            core: Core::new(),
+            link,
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    /// Turn this connection's receive side over to a thread of its own (for
+    /// the async API, where no calling thread blocks to read).
+    pub(crate) fn spawn_reader(self: &Arc<Self>) {
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("meshshm-reader".into())
+            .spawn(move || {
+                let mut rx = me.link.rx();
+                while !me.closing.load(Ordering::Acquire) && me.core.dead().is_none() {
+                    if let Err(e) = me.pump_once(&mut rx, None) {
+                        me.fail(e);
+                    }
+                }
+            })
+            .expect("spawn the meshshm reader thread");
+    }
+
+    fn dispatch(&self, m: &Message<'_>) -> Result<()> {
+        match m.kind {
+            FrameKind::Response => {
+                let r = parse_response(m)?;
+                self.core.deliver(m.stream_id, Ok(r));
+                Ok(())
+            }
+            FrameKind::Goaway => {
+                self.core.set_goaway();
+                Ok(())
+            }
+            FrameKind::Pong | FrameKind::Cancel => Ok(()),
+            k => Err(Error::Protocol(format!(
+                "unexpected {k:?} frame on a client connection"
+            ))),
+        }
+    }
+
+    fn pump_once(&self, rx: &mut L::Rx, deadline: Option<Instant>) -> Result<WaitOutcome> {
+        self.link.drain(rx, &mut |m| self.dispatch(m))?;
+        if self.closing.load(Ordering::Acquire) {
+            return Ok(WaitOutcome::Other);
+        }
+        self.link.wait(rx, deadline)
+    }
+
+    fn lead(&self, rx: &mut L::Rx, deadline: Option<Instant>, slot: &Slot) -> Result<()> {
+        loop {
+            self.link.drain(rx, &mut |m| self.dispatch(m))?;
+            if slot.is_done() || self.closing.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if self.link.wait(rx, deadline)? == WaitOutcome::TimedOut {
+                return Ok(());
+            }
+        }
+    }
+
+    fn fail(&self, e: Error) {
+        let reason = match e {
+            Error::ProxyGone(r) => r,
+            other => other.to_string(),
+        };
+        tracing::warn!(transport = self.link.name(), %reason, "meshshm connection lost");
+        self.core.kill(&reason);
+    }
+}
+
+impl<L: Link> AnyConn for Conn<L> {
+    fn transport(&self) -> &'static str {
+        self.link.name()
+    }
+
+    fn accepting(&self) -> bool {
+        self.core.accepting() && !self.closing.load(Ordering::Acquire)
+    }
+
+    fn start(&self, call: &Call<'_>, notify: Notify) -> Result<(u64, Arc<Slot>)> {
+        let (id, slot) = self.core.register(notify)?;
+        let timeout_ms = call
+            .timeout
+            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
+        let sent = META.with(|m| {
+            let mut m = m.borrow_mut();
+            m.clear();
+            RequestMeta::encode(
+                &mut m,
+                call.service,
+                call.method,
+                timeout_ms,
+                call.priority,
+                call.headers,
+            );
+            self.link.send(FrameKind::Request, id, &m, call.body)
+        });
+        if let Err(e) = sent {
+            self.core.forget(id);
+            if matches!(e, Error::ProxyGone(_)) {
+                self.fail(e.clone());
+            }
+            return Err(e);
+        }
+        Ok((id, slot))
+    }
+
+    fn invoke(&self, call: &Call<'_>) -> Result<Response> {
+        let deadline = call.timeout.map(|t| Instant::now() + t);
+        let (id, slot) = self.start(call, Notify::Thread(std::thread::current()))?;
+        loop {
+            if let Some(r) = slot.take() {
+                return r;
+            }
+            if let Some(mut rx) = self.link.try_rx() {
+                let res = self.lead(&mut rx, deadline, &slot);
+                drop(rx);
+                self.core.handoff();
+                if let Err(e) = res {
+                    self.fail(e);
+                }
+            } else {
+                for _ in 0..64 {
+                    if slot.is_done() {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                if !slot.is_done() {
+                    // Woken by delivery or by the leader's hand-off; the cap
+                    // bounds the cost of a hand-off that raced with our park.
+                    let mut t = Duration::from_millis(5);
+                    if let Some(d) = deadline {
+                        t = t.min(d.saturating_duration_since(Instant::now()));
+                    }
+                    std::thread::park_timeout(t);
+                }
+            }
+            if slot.is_done() {
+                continue;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) && self.core.forget(id) {
+                self.cancel(id);
+                return Err(Error::Timeout(call.timeout.unwrap_or_default()));
+            }
+        }
+    }
+
+    fn cancel(&self, id: u64) {
+        self.core.forget(id);
+        if self.core.dead().is_none() {
+            let _ = self.link.send(FrameKind::Cancel, id, &[], &[]);
+        }
+    }
+
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.link.interrupt();
+    }
+
+    fn in_flight(&self) -> usize {
+        self.core.in_flight()
+    }
+}
+
+pub(crate) fn parse_response(m: &Message<'_>) -> Result<Response> {
+    let meta = ResponseMeta::decode(m.meta())
+        .map_err(|e| Error::Protocol(format!("response metadata: {e}")))?;
+    Ok(Response {
+        status: meta.status,
+        message: meta.message.to_owned(),
+        headers: meta
+            .headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+            .collect(),
+        body: m.body().to_vec(),
+    })
+}
+
+impl Response {
+    /// The body if the status is OK, else the status as an error.
+    ///
+    /// # Errors
+    /// [`Error::Status`] for a non-OK status.
+    pub fn into_result(self) -> Result<Vec<u8>> {
+        if self.status == status::OK {
+            Ok(self.body)
+        } else {
+            Err(Error::Status {
+                code: self.status,
+                message: self.message,
+            })
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The shared-memory transport: handshake on the control socket, then
+//! frames through the segment's rings.
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use meshshm_proto::{recv_with_fds, write_control, Answer, Hello, Role, Welcome};
+use meshshm_ring::{
+    write_message, Bell, Consumer, Endpoint, FrameKind, Message, Notifier, Producer, Reassembler,
+    Segment, Side, WaitOutcome, Waiter, WriteProgress,
+};
+
+use crate::error::{Error, Result};
+
+/// A connected shm session: control socket plus this app's end of the segment.
+pub(crate) struct ShmLink {
+    pub(crate) ctl: UnixStream,
+    tx: Mutex<Producer>,
+    rx: Mutex<RxState>,
+    waiter: Waiter,
+    peer: Notifier,
+    pub(crate) max_message: usize,
+    pub(crate) welcome: Welcome,
+}
+
+pub(crate) struct RxState {
+    consumer: Consumer,
+    reasm: Reassembler,
+}
+
+/// Settings of the handshake.
+pub(crate) struct HelloOpts<'a> {
+    pub(crate) role: Role,
+    pub(crate) service: &'a str,
+    pub(crate) token: &'a str,
+    pub(crate) ring_size: u64,
+    pub(crate) spin: u32,
+    pub(crate) timeout: Duration,
+}
+
+impl ShmLink {
+    /// Connect to the proxy's control socket and set up the session.
+    pub(crate) fn connect(path: &Path, o: &HelloOpts<'_>) -> Result<ShmLink> {
+        let target = path.display();
+        let mut ctl = UnixStream::connect(path).map_err(|e| Error::connect(&target, e))?;
+        ctl.set_read_timeout(Some(o.timeout))
+            .and_then(|_| ctl.set_write_timeout(Some(o.timeout)))
+            .map_err(|e| Error::connect(&target, e))?;
+        let hello = Hello {
+            role: o.role,
+            service: o.service.to_owned(),
+            token: o.token.to_owned(),
+            ring_up: o.ring_size,
+            ring_down: o.ring_size,
+        };
+        write_control(&mut ctl, &hello.encode()).map_err(|e| Error::connect(&target, e))?;
+        let mut buf = vec![0u8; 4096];
+        let (n, mut fds) =
+            recv_with_fds(ctl.as_fd(), &mut buf).map_err(|e| Error::connect(&target, e))?;
+        if n < 4 {
+            return Err(Error::connect(
+                &target,
+                "the proxy closed the connection during the handshake",
+            ));
+        }
+        let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len > buf.len() - 4 {
+            return Err(Error::Protocol(format!("handshake answer of {len} bytes")));
+        }
+        if n < 4 + len {
+            ctl.read_exact(&mut buf[n..4 + len])
+                .map_err(|e| Error::connect(&target, e))?;
+        }
+        let welcome = match Answer::decode(&buf[4..4 + len]) {
+            Ok(Answer::Welcome(w)) => w,
+            Ok(Answer::Reject(r)) => return Err(Error::Rejected(r.reason)),
+            Err(e) => return Err(Error::Protocol(format!("handshake answer: {e}"))),
+        };
+        if fds.len() != 3 {
+            return Err(Error::Protocol(format!(
+                "welcome carried {} fds, expected 3",
+                fds.len()
+            )));
+        }
+        let proxy_bell = Bell::from_eventfd(fds.pop().expect("3 fds"));
+        let app_bell = Bell::from_eventfd(fds.pop().expect("3 fds"));
+        let seg = Segment::open(fds.pop().expect("3 fds"))
+            .map_err(|e| Error::Protocol(format!("segment from the proxy: {e}")))?;
+        let Endpoint {
+            tx,
+            rx,
+            mut waiter,
+            peer,
+            max_message,
+        } = seg.into_endpoint(Side::App, app_bell, proxy_bell);
+        waiter.set_spin(o.spin);
+        ctl.set_read_timeout(None)
+            .map_err(|e| Error::connect(&target, e))?;
+        Ok(ShmLink {
+            ctl,
+            tx: Mutex::new(tx),
+            rx: Mutex::new(RxState {
+                consumer: rx,
+                reasm: Reassembler::new(max_message as usize),
+            }),
+            waiter,
+            peer,
+            max_message: max_message as usize,
+            welcome,
+        })
+    }
+
+    /// Send one message (as many frames as it takes), waiting for room when
+    /// the ring is full. Fails if the proxy goes away meanwhile.
+    pub(crate) fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
+        if meta.len() + body.len() > self.max_message {
+            return Err(Error::InvalidArgument(format!(
+                "message of {} bytes exceeds the maximum of {}",
+                meta.len() + body.len(),
+                self.max_message
+            )));
+        }
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut progress = WriteProgress { sent: 0 };
+        let mut pause = Duration::from_micros(5);
+        loop {
+            let done = write_message(&mut tx, kind, id, meta.len(), &[meta, body], &mut progress)?;
+            tx.publish();
+            self.peer.notify();
+            if done {
+                return Ok(());
+            }
+            // The ring is full: the proxy frees room as it reads. Sleep on the
+            // control socket so that the proxy's death ends the wait.
+            if wait_readable(&self.ctl, pause) {
+                return Err(Error::ProxyGone(
+                    "the proxy closed the control socket".into(),
+                ));
+            }
+            pause = (pause * 2).min(Duration::from_millis(1));
+        }
+    }
+
+    /// The receive side, if no other thread is reading.
+    pub(crate) fn try_rx(&self) -> Option<MutexGuard<'_, RxState>> {
+        match self.rx.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// The receive side, waiting for it.
+    pub(crate) fn rx(&self) -> MutexGuard<'_, RxState> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read every complete message now in the ring, handing each to `on`,
+    /// then hand the room back to the proxy.
+    pub(crate) fn drain(
+        &self,
+        rx: &mut RxState,
+        on: impl FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        self.drain_n(rx, usize::MAX, on)
+    }
+
+    /// As [`ShmLink::drain`], but stop after one complete message that is
+    /// handed to `on`.
+    pub(crate) fn drain_one(
+        &self,
+        rx: &mut RxState,
+        on: impl FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        self.drain_n(rx, 1, on)
+    }
+
+    fn drain_n(
+        &self,
+        rx: &mut RxState,
+        max: usize,
+        mut on: impl FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        let mut n = 0;
+        let RxState { consumer, reasm } = rx;
+        while n < max {
+            let Some(f) = consumer.peek()? else { break };
+            let h = *f.header();
+            if let Some(m) = reasm.feed(&h, f.payload())? {
+                match m.kind {
+                    FrameKind::Ping => {
+                        let payload = m.data.to_vec();
+                        self.send(FrameKind::Pong, m.stream_id, &[], &payload)?;
+                    }
+                    _ => on(&m)?,
+                }
+                n += 1;
+            }
+            f.release();
+            if consumer.unpublished() >= consumer.capacity() / 4 {
+                consumer.publish();
+                self.peer.notify();
+            }
+        }
+        if consumer.publish() {
+            self.peer.notify();
+        }
+        Ok(n)
+    }
+
+    /// Wait until the ring has data, the deadline passes, or the proxy dies.
+    pub(crate) fn wait(&self, rx: &mut RxState, deadline: Option<Instant>) -> Result<WaitOutcome> {
+        let out = self
+            .waiter
+            .wait_until(
+                || rx.consumer.has_data().unwrap_or(true),
+                deadline,
+                Some(self.ctl.as_fd()),
+            )
+            .map_err(|e| Error::ProxyGone(format!("waiting for the proxy: {e}")))?;
+        if out == WaitOutcome::Other {
+            return Err(Error::ProxyGone(
+                "the proxy closed the control socket".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Wake a thread blocked in [`ShmLink::wait`] (used to stop a reader).
+    pub(crate) fn interrupt(&self) {
+        self.waiter.interrupt();
+    }
+}
+
+/// poll() the socket for `t`; true if it became readable (EOF or data:
+/// either way the proxy ended the session).
+pub(crate) fn wait_readable(s: &UnixStream, t: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let ms = t.as_millis().clamp(1, i32::MAX as u128) as i32;
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    match poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(n) => n > 0,
+        Err(_) => false,
+    }
+}

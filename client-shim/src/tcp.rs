@@ -1,0 +1,174 @@
+//! The loopback-TCP transport: the same frames, byte for byte, on a socket.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use meshshm_proto::{encode_frame, FrameDecoder};
+use meshshm_ring::{FrameKind, Message, Reassembler, WaitOutcome, HEADER_LEN};
+
+use crate::error::{gone, Error, Result};
+
+pub(crate) struct TcpLink {
+    w: Mutex<TcpStream>,
+    rx: Mutex<TcpRx>,
+    shut: TcpStream,
+    max_message: usize,
+}
+
+pub(crate) struct TcpRx {
+    s: TcpStream,
+    buf: Vec<u8>,
+    filled: usize,
+    dec: FrameDecoder,
+    reasm: Reassembler,
+    timeout: Option<Duration>,
+}
+
+thread_local! {
+    static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl TcpLink {
+    pub(crate) fn connect(
+        addr: SocketAddr,
+        timeout: Duration,
+        max_message: usize,
+    ) -> Result<TcpLink> {
+        let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| Error::connect(addr, e))?;
+        s.set_nodelay(true).map_err(|e| Error::connect(addr, e))?;
+        let w = s.try_clone().map_err(|e| Error::connect(addr, e))?;
+        let shut = s.try_clone().map_err(|e| Error::connect(addr, e))?;
+        Ok(TcpLink {
+            w: Mutex::new(w),
+            rx: Mutex::new(TcpRx {
+                s,
+                buf: vec![0; 64 * 1024],
+                filled: 0,
+                dec: FrameDecoder::new(max_message),
+                reasm: Reassembler::new(max_message),
+                timeout: None,
+            }),
+            shut,
+            max_message,
+        })
+    }
+
+    pub(crate) fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
+        if meta.len() + body.len() > self.max_message {
+            return Err(Error::InvalidArgument(format!(
+                "message of {} bytes exceeds the maximum of {}",
+                meta.len() + body.len(),
+                self.max_message
+            )));
+        }
+        OUT.with(|o| {
+            let mut o = o.borrow_mut();
+            o.clear();
+            encode_frame(&mut o, kind, id, meta.len(), &[meta, body]);
+            let mut w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+            w.write_all(&o).map_err(gone)
+        })
+    }
+
+    pub(crate) fn try_rx(&self) -> Option<MutexGuard<'_, TcpRx>> {
+        match self.rx.try_lock() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
+    pub(crate) fn rx(&self) -> MutexGuard<'_, TcpRx> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn drain(
+        &self,
+        rx: &mut TcpRx,
+        mut on: impl FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<usize> {
+        let mut off = 0;
+        let mut n = 0;
+        loop {
+            let avail = &rx.buf[off..rx.filled];
+            match rx.dec.decode(avail) {
+                Ok(Some((h, total))) => {
+                    let payload = &avail[HEADER_LEN..HEADER_LEN + h.len as usize];
+                    if let Some(m) = rx.reasm.feed(&h, payload)? {
+                        if m.kind == FrameKind::Ping {
+                            let p = m.data.to_vec();
+                            self.send(FrameKind::Pong, m.stream_id, &[], &p)?;
+                        } else {
+                            on(&m)?;
+                        }
+                        n += 1;
+                    }
+                    off += total;
+                }
+                Ok(None) => {
+                    // Make room for the rest of a large frame.
+                    if avail.len() >= HEADER_LEN {
+                        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]);
+                        let need = meshshm_ring::wire_len(len as usize);
+                        if need > rx.buf.len() {
+                            rx.buf.resize(need, 0);
+                        }
+                    }
+                    break;
+                }
+                Err(e) => return Err(Error::Protocol(e.to_string())),
+            }
+        }
+        rx.buf.copy_within(off..rx.filled, 0);
+        rx.filled -= off;
+        Ok(n)
+    }
+
+    pub(crate) fn wait(&self, rx: &mut TcpRx, deadline: Option<Instant>) -> Result<WaitOutcome> {
+        let t = match deadline {
+            Some(d) => {
+                let now = Instant::now();
+                if d <= now {
+                    return Ok(WaitOutcome::TimedOut);
+                }
+                // Round up to whole ms so the socket option is set rarely.
+                Some(Duration::from_millis((d - now).as_millis() as u64 + 1))
+            }
+            None => None,
+        };
+        if t != rx.timeout {
+            rx.s.set_read_timeout(t).map_err(gone)?;
+            rx.timeout = t;
+        }
+        let filled = rx.filled;
+        if filled == rx.buf.len() {
+            let l = rx.buf.len() * 2;
+            rx.buf.resize(l, 0);
+        }
+        match rx.s.read(&mut rx.buf[filled..]) {
+            Ok(0) => Err(Error::ProxyGone(
+                "the proxy closed the TCP connection".into(),
+            )),
+            Ok(n) => {
+                rx.filled += n;
+                Ok(WaitOutcome::Ready)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Ok(WaitOutcome::TimedOut)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(WaitOutcome::Ready),
+            Err(e) => Err(gone(e)),
+        }
+    }
+
+    pub(crate) fn interrupt(&self) {
+        let _ = self.shut.shutdown(Shutdown::Both);
+    }
+}

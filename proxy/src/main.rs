@@ -1,0 +1,131 @@
+//! `meshshm-proxy`: the sidecar. Reads its config (or the embedded
+//! default), starts a fixed-size tokio runtime, and serves shared-memory
+//! and loopback-TCP sessions until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+mod config;
+mod dispatch;
+mod listen;
+mod router;
+mod shm;
+mod tcp;
+
+use config::Config;
+
+/// What every session shares.
+pub struct Shared {
+    pub cfg: Config,
+    pub router: router::Router,
+}
+
+/// meshshm sidecar proxy: serves services over shared memory and loopback TCP.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (default: the embedded configuration).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Control socket path (overrides listen.socket).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Loopback TCP listener address, or "off" (overrides listen.tcp).
+    #[arg(long)]
+    tcp: Option<String>,
+    /// Worker threads (overrides runtime.threads).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Doorbell spin time in µs (overrides shm.spin_us).
+    #[arg(long)]
+    spin_us: Option<u64>,
+    /// Segment backing: "memfd" or a tmpfs directory (overrides shm.backing).
+    #[arg(long)]
+    backing: Option<String>,
+}
+
+fn load(args: &Args) -> Result<Config, String> {
+    let text = match &args.config {
+        Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        None => config::DEFAULT.to_owned(),
+    };
+    let mut cfg = Config::parse(&text).map_err(|e| match &args.config {
+        Some(p) => format!("{}: {e}", p.display()),
+        None => e,
+    })?;
+    if let Some(s) = &args.socket {
+        cfg.listen.socket = s.display().to_string();
+    }
+    if let Some(t) = &args.tcp {
+        cfg.listen.tcp = if t == "off" { String::new() } else { t.clone() };
+        cfg.tcp_addr()?;
+    }
+    if let Some(n) = args.threads {
+        cfg.runtime.threads = n.max(1);
+    }
+    if let Some(s) = args.spin_us {
+        cfg.shm.spin_us = s;
+    }
+    if let Some(b) = &args.backing {
+        cfg.shm.backing = b.clone();
+    }
+    Ok(cfg)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", config::DEFAULT);
+        return ExitCode::SUCCESS;
+    }
+    let cfg = match load(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshshm-proxy: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    if args.check_config {
+        println!("configuration ok");
+        return ExitCode::SUCCESS;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.runtime.threads)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshshm-proxy: runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shared = Arc::new(Shared {
+        router: router::Router::new(&cfg),
+        cfg,
+    });
+    match rt.block_on(listen::run(shared)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshshm-proxy: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

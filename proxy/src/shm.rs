@@ -1,0 +1,538 @@
+//! Shared-memory sessions: the control-socket handshake, then one task per
+//! session that services its rings.
+//!
+//! While traffic flows the task makes no syscall per message: it reads
+//! every frame the app published, answers inline where it can (echo),
+//! publishes its answers with one store, and rings the app's doorbell only
+//! if the app said it sleeps. When idle it polls for `spin_us`, then
+//! announces sleep and waits on its eventfd (plus the control socket, for
+//! the app's death, and its completion channels).
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshshm_proto::{
+    frame_control, peer_credentials, send_with_fds, status, Answer, Hello, PeerCred, Reject,
+    ResponseMeta, Role, Welcome, MAX_CONTROL, PROTOCOL_VERSION,
+};
+use meshshm_ring::{
+    write_message, Bell, Endpoint, FrameKind, Reassembler, RingError, Segment, SegmentOptions,
+    Side, WriteProgress,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::dispatch::{handle_request, Outcome};
+use crate::router::{Forward, Resp};
+use crate::Shared;
+
+/// Run one control connection: handshake, then the session.
+pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch::Receiver<bool>) {
+    let cred = match peer_credentials(s.as_fd()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(session = id, error = %e, "no peer credentials; closing");
+            return;
+        }
+    };
+    let hello = match tokio::time::timeout(Duration::from_secs(5), read_hello(&mut s)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(reason)) => {
+            tracing::warn!(session = id, pid = cred.pid, uid = cred.uid, %reason, "handshake refused");
+            reject(&s, &reason).await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(session = id, pid = cred.pid, "handshake timed out");
+            return;
+        }
+    };
+    let ep = match welcome(&sh, &s, id, &hello).await {
+        Ok(ep) => ep,
+        Err(reason) => {
+            tracing::warn!(session = id, pid = cred.pid, %reason, "session setup failed");
+            reject(&s, &reason).await;
+            return;
+        }
+    };
+    tracing::info!(
+        session = id, pid = cred.pid, uid = cred.uid, gid = cred.gid,
+        role = ?hello.role, service = %hello.service,
+        "shm session up"
+    );
+    let reason = Session::new(sh.clone(), ep, s, id, cred, &hello)
+        .run(shutdown)
+        .await;
+    tracing::info!(session = id, pid = cred.pid, %reason, "shm session closed");
+}
+
+async fn read_hello(s: &mut UnixStream) -> Result<Hello, String> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)
+        .await
+        .map_err(|e| format!("reading hello: {e}"))?;
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_CONTROL {
+        return Err(format!("hello of {n} bytes is too large"));
+    }
+    let mut body = vec![0u8; n];
+    s.read_exact(&mut body)
+        .await
+        .map_err(|e| format!("reading hello: {e}"))?;
+    Hello::decode(&body).map_err(|e| format!("{e}"))
+}
+
+async fn send_control(
+    s: &UnixStream,
+    body: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> std::io::Result<()> {
+    let msg = frame_control(body);
+    loop {
+        s.writable().await?;
+        match s.try_io(Interest::WRITABLE, || send_with_fds(s.as_fd(), &msg, fds)) {
+            Ok(n) if n == msg.len() => return Ok(()),
+            Ok(_) => return Err(std::io::Error::other("short write of a control message")),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn reject(s: &UnixStream, reason: &str) {
+    let _ = send_control(
+        s,
+        &Reject {
+            reason: reason.to_owned(),
+        }
+        .encode(),
+        &[],
+    )
+    .await;
+}
+
+fn ring_size(requested: u64, default: u64, max: u64) -> u64 {
+    if requested == 0 {
+        default
+    } else {
+        requested
+            .clamp(meshshm_ring::MIN_CAPACITY as u64, max)
+            .next_power_of_two()
+            .min(max)
+    }
+}
+
+async fn welcome(sh: &Shared, s: &UnixStream, id: u64, h: &Hello) -> Result<Endpoint, String> {
+    let c = &sh.cfg.shm;
+    if h.role == Role::Server && h.service.is_empty() {
+        return Err("a server must name the service it serves".into());
+    }
+    let up = ring_size(h.ring_up, c.ring_size, c.max_ring_size);
+    let down = ring_size(h.ring_down, c.ring_size, c.max_ring_size);
+    let mut seg = Segment::create(&SegmentOptions {
+        app_to_proxy: up as usize,
+        proxy_to_app: down as usize,
+        max_message: c.max_message,
+        backing: sh.cfg.backing(),
+    })
+    .map_err(|e| format!("creating the segment: {e}"))?;
+    let app_bell = Bell::eventfd().map_err(|e| format!("eventfd: {e}"))?;
+    let proxy_bell = Bell::eventfd().map_err(|e| format!("eventfd: {e}"))?;
+    let w = Welcome {
+        session_id: id,
+        ring_up: up,
+        ring_down: down,
+        max_message: c.max_message,
+    };
+    debug_assert_eq!(Answer::decode(&w.encode()), Ok(Answer::Welcome(w)));
+    let fds = [
+        seg.fd(),
+        app_bell.fd().expect("eventfd bell"),
+        proxy_bell.fd().expect("eventfd bell"),
+    ];
+    send_control(s, &w.encode(), &fds)
+        .await
+        .map_err(|e| format!("sending welcome: {e}"))?;
+    // The app holds the fd now (in flight or received): the name can go.
+    seg.unlink();
+    let _ = PROTOCOL_VERSION;
+    Ok(seg.into_endpoint(Side::Proxy, proxy_bell, app_bell))
+}
+
+struct OutMsg {
+    kind: FrameKind,
+    id: u64,
+    meta: Vec<u8>,
+    body: Vec<u8>,
+    progress: WriteProgress,
+}
+
+struct Session {
+    sh: Arc<Shared>,
+    ep: Endpoint,
+    ctl: UnixStream,
+    bell: AsyncFd<std::os::fd::OwnedFd>,
+    id: u64,
+    cred: PeerCred,
+    role: Role,
+    service: String,
+    reasm: Reassembler,
+    out: VecDeque<OutMsg>,
+    out_bytes: usize,
+    done_tx: mpsc::UnboundedSender<(u64, Resp)>,
+    done_rx: mpsc::UnboundedReceiver<(u64, Resp)>,
+    inflight: HashMap<u64, tokio::task::AbortHandle>,
+    // Server role: requests forwarded to this app, awaiting its responses.
+    fwd_rx: Option<mpsc::Receiver<Forward>>,
+    waiting: HashMap<u64, oneshot::Sender<Resp>>,
+    next_fwd_id: u64,
+}
+
+impl Session {
+    fn new(
+        sh: Arc<Shared>,
+        ep: Endpoint,
+        ctl: UnixStream,
+        id: u64,
+        cred: PeerCred,
+        h: &Hello,
+    ) -> Session {
+        let bell_fd = ep
+            .waiter
+            .bell()
+            .fd()
+            .expect("eventfd bell")
+            .try_clone_to_owned()
+            .expect("dup eventfd");
+        // The AsyncFd owns this dup of the eventfd outright, so nothing else
+        // can close or reuse the fd behind the registration (the I/O-safety
+        // concern that deprecated `AsyncFd::new` in favour of an unsafe fn).
+        #[allow(deprecated)]
+        let bell = AsyncFd::new(bell_fd).expect("register eventfd");
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let fwd_rx = (h.role == Role::Server).then(|| {
+            let (tx, rx) = mpsc::channel(1024);
+            sh.router.register_local(&h.service, id, tx);
+            rx
+        });
+        let max = ep.max_message as usize;
+        Session {
+            sh,
+            ep,
+            ctl,
+            bell,
+            id,
+            cred,
+            role: h.role,
+            service: h.service.clone(),
+            reasm: Reassembler::new(max),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            done_tx,
+            done_rx,
+            inflight: HashMap::new(),
+            fwd_rx,
+            waiting: HashMap::new(),
+            next_fwd_id: 1,
+        }
+    }
+
+    fn enqueue(&mut self, kind: FrameKind, id: u64, meta: Vec<u8>, body: Vec<u8>) {
+        self.out_bytes += meta.len() + body.len();
+        self.out.push_back(OutMsg {
+            kind,
+            id,
+            meta,
+            body,
+            progress: WriteProgress { sent: 0 },
+        });
+    }
+
+    /// Write queued messages into the ring while it has room.
+    fn flush_out(&mut self) -> Result<bool, RingError> {
+        let mut any = false;
+        while let Some(m) = self.out.front_mut() {
+            let before = m.progress.sent;
+            let done = write_message(
+                &mut self.ep.tx,
+                m.kind,
+                m.id,
+                m.meta.len(),
+                &[&m.meta, &m.body],
+                &mut m.progress,
+            )?;
+            any |= m.progress.sent != before || done;
+            if !done {
+                break;
+            }
+            let m = self.out.pop_front().expect("front exists");
+            self.out_bytes -= m.meta.len() + m.body.len();
+        }
+        Ok(any)
+    }
+
+    fn paused(&self) -> bool {
+        self.inflight.len() >= self.sh.cfg.shm.max_in_flight
+            || self.out_bytes > 4 * self.ep.tx.capacity()
+    }
+
+    /// Read and handle what the app published. Returns frames consumed.
+    fn read_incoming(&mut self) -> Result<usize, String> {
+        let mut n = 0;
+        while n < 1024 {
+            let Some(f) = self.ep.rx.peek().map_err(|e| e.to_string())? else {
+                break;
+            };
+            let h = *f.header();
+            let m = match self.reasm.feed(&h, f.payload()) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    f.release();
+                    n += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            match (m.kind, self.role) {
+                (FrameKind::Request, Role::Client) => {
+                    match handle_request(
+                        &self.sh.router,
+                        m.stream_id,
+                        m.meta(),
+                        m.body(),
+                        &self.done_tx,
+                        &mut self.inflight,
+                    ) {
+                        Outcome::Echo => {
+                            let ok = &ResponseMeta::OK;
+                            let mut p = WriteProgress { sent: 0 };
+                            let done = self.out.is_empty()
+                                && write_message(
+                                    &mut self.ep.tx,
+                                    FrameKind::Response,
+                                    m.stream_id,
+                                    ok.len(),
+                                    &[ok, m.body()],
+                                    &mut p,
+                                )
+                                .map_err(|e| e.to_string())?;
+                            if !done {
+                                self.out_bytes += ok.len() + m.body().len();
+                                self.out.push_back(OutMsg {
+                                    kind: FrameKind::Response,
+                                    id: m.stream_id,
+                                    meta: ok.to_vec(),
+                                    body: m.body().to_vec(),
+                                    progress: p,
+                                });
+                            }
+                        }
+                        Outcome::Reply(r) => {
+                            let sid = m.stream_id;
+                            f.release();
+                            self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+                            n += 1;
+                            continue;
+                        }
+                        Outcome::Spawned => {}
+                    }
+                }
+                (FrameKind::Response, Role::Server) => {
+                    if let Some(tx) = self.waiting.remove(&m.stream_id) {
+                        let _ = tx.send(Resp {
+                            meta: m.meta().to_vec(),
+                            body: m.body().to_vec(),
+                        });
+                    }
+                }
+                (FrameKind::Cancel, _) => {
+                    if let Some(h) = self.inflight.remove(&m.stream_id) {
+                        h.abort();
+                    }
+                }
+                (FrameKind::Ping, _) => {
+                    let (sid, data) = (m.stream_id, m.data.to_vec());
+                    f.release();
+                    self.enqueue(FrameKind::Pong, sid, Vec::new(), data);
+                    n += 1;
+                    continue;
+                }
+                (FrameKind::Pong | FrameKind::Goaway, _) => {}
+                (k, r) => return Err(format!("unexpected {k:?} frame from a {r:?} app")),
+            }
+            f.release();
+            n += 1;
+            if self.ep.rx.unpublished() >= self.ep.rx.capacity() / 4 {
+                self.ep.flush();
+            }
+            if self.paused() {
+                break;
+            }
+        }
+        Ok(n)
+    }
+
+    fn take_completions(&mut self) -> bool {
+        let mut any = false;
+        while let Ok((sid, r)) = self.done_rx.try_recv() {
+            self.inflight.remove(&sid);
+            self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+            any = true;
+        }
+        if let Some(rx) = &mut self.fwd_rx {
+            let mut got = Vec::new();
+            while self.waiting.len() + got.len() < self.sh.cfg.shm.max_in_flight {
+                match rx.try_recv() {
+                    Ok(f) => got.push(f),
+                    Err(_) => break,
+                }
+            }
+            for f in got {
+                self.forward(f);
+                any = true;
+            }
+        }
+        any
+    }
+
+    fn forward(&mut self, f: Forward) {
+        let id = self.next_fwd_id;
+        self.next_fwd_id += 1;
+        let mut meta = f.meta;
+        crate::router::patch_timeout(&mut meta, f.deadline);
+        self.waiting.insert(id, f.reply);
+        self.enqueue(FrameKind::Request, id, meta, f.body);
+    }
+
+    /// One pass over everything that may need doing; true if anything moved.
+    fn step(&mut self) -> Result<bool, String> {
+        let mut any = self.flush_out().map_err(|e| e.to_string())?;
+        any |= self.take_completions();
+        if !self.paused() {
+            any |= self.read_incoming()? > 0;
+        }
+        any |= self.flush_out().map_err(|e| e.to_string())?;
+        self.ep.flush();
+        Ok(any)
+    }
+
+    fn has_work(&mut self) -> bool {
+        (!self.paused() && self.ep.rx.has_data().unwrap_or(true))
+            || !self.done_rx.is_empty()
+            || self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty())
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> String {
+        let spin = Duration::from_micros(self.sh.cfg.shm.spin_us);
+        let mut draining = false;
+        let reason = loop {
+            match self.step() {
+                Ok(true) => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(session = self.id, pid = self.cred.pid, error = %e, "closing session: protocol violation");
+                    break e;
+                }
+            }
+            if draining
+                && self.inflight.is_empty()
+                && self.out.is_empty()
+                && self.waiting.is_empty()
+            {
+                break "shutdown".to_owned();
+            }
+            // Idle: poll for a while, yielding to other sessions.
+            let t0 = Instant::now();
+            let mut woke = false;
+            while t0.elapsed() < spin {
+                if self.has_work() {
+                    woke = true;
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+            if woke {
+                continue;
+            }
+            // Sleep on the doorbell, the control socket and the channels.
+            self.ep.waiter.announce_sleep();
+            if self.has_work() || (!self.out.is_empty() && self.flush_out().unwrap_or(true)) {
+                self.ep.waiter.cancel_sleep();
+                continue;
+            }
+            let fwd_open =
+                self.fwd_rx.is_some() && self.waiting.len() < self.sh.cfg.shm.max_in_flight;
+            let mut ended = None;
+            tokio::select! {
+                g = self.bell.readable() => {
+                    if let Ok(mut g) = g {
+                        self.ep.waiter.drain();
+                        g.clear_ready();
+                    }
+                }
+                Some((sid, r)) = self.done_rx.recv() => {
+                    self.inflight.remove(&sid);
+                    self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+                }
+                Some(f) = async { self.fwd_rx.as_mut()?.recv().await }, if fwd_open => {
+                    self.forward(f);
+                }
+                r = self.ctl.readable() => {
+                    let mut b = [0u8; 64];
+                    match (r, self.ctl.try_read(&mut b)) {
+                        (Ok(()), Ok(0)) => ended = Some("app closed the control socket".to_owned()),
+                        (Ok(()), Ok(_)) => ended = Some("unexpected bytes on the control socket".to_owned()),
+                        (_, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        (_, Err(e)) => ended = Some(format!("control socket: {e}")),
+                        (Err(e), _) => ended = Some(format!("control socket: {e}")),
+                    }
+                }
+                _ = shutdown.changed(), if !draining => {
+                    draining = true;
+                    self.enqueue(FrameKind::Goaway, 0, Vec::new(), Vec::new());
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)), if draining => {}
+            }
+            self.ep.waiter.cancel_sleep();
+            if let Some(r) = ended {
+                break r;
+            }
+        };
+        self.close();
+        reason
+    }
+
+    fn close(&mut self) {
+        for (_, h) in self.inflight.drain() {
+            h.abort();
+        }
+        if self.fwd_rx.is_some() {
+            self.sh.router.unregister_local(&self.service, self.id);
+            for (_, tx) in self.waiting.drain() {
+                let _ = tx.send(Resp::error(status::UNAVAILABLE, "the server app went away"));
+            }
+            if let Some(mut rx) = self.fwd_rx.take() {
+                rx.close();
+                while let Ok(f) = rx.try_recv() {
+                    let _ = f
+                        .reply
+                        .send(Resp::error(status::UNAVAILABLE, "the server app went away"));
+                }
+            }
+        }
+    }
+}
+
+/// Refuse a connection before any handshake work (limits).
+pub async fn refuse(mut s: UnixStream, reason: &'static str) {
+    // Read the hello (bounded) so the app gets the answer, not a reset.
+    let _ = tokio::time::timeout(Duration::from_secs(1), read_hello(&mut s)).await;
+    reject(&s, reason).await;
+}

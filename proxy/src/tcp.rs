@@ -1,0 +1,128 @@
+//! The loopback-TCP listener's sessions: the same frames on a socket.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use meshshm_proto::{encode_frame, FrameDecoder, ResponseMeta};
+use meshshm_ring::{FrameKind, Reassembler, HEADER_LEN};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+
+use crate::dispatch::{handle_request, Outcome};
+use crate::Shared;
+
+pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Receiver<bool>) {
+    let peer = s.peer_addr().ok();
+    let _ = s.set_nodelay(true);
+    let (mut r, mut w) = s.into_split();
+    let max = sh.router.max_message();
+    let dec = FrameDecoder::new(max);
+    let mut reasm = Reassembler::new(max);
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, crate::router::Resp)>();
+    let mut inflight = HashMap::new();
+    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
+    let mut draining = false;
+    let reason: String = 'session: loop {
+        let paused = inflight.len() >= sh.cfg.shm.max_in_flight;
+        tokio::select! {
+            res = r.read_buf(&mut buf), if !paused && !draining => match res {
+                Ok(0) => break 'session "peer closed".into(),
+                Err(e) => break 'session format!("read: {e}"),
+                Ok(_) => {}
+            },
+            Some((sid, resp)) = done_rx.recv() => {
+                inflight.remove(&sid);
+                encode_frame(&mut out, FrameKind::Response, sid, resp.meta.len(), &[&resp.meta, &resp.body]);
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                encode_frame(&mut out, FrameKind::Goaway, 0, 0, &[]);
+            }
+        }
+        while let Ok((sid, resp)) = done_rx.try_recv() {
+            inflight.remove(&sid);
+            encode_frame(
+                &mut out,
+                FrameKind::Response,
+                sid,
+                resp.meta.len(),
+                &[&resp.meta, &resp.body],
+            );
+        }
+        let mut off = 0;
+        loop {
+            let (h, total) = match dec.decode(&buf[off..]) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => break 'session format!("bad frame: {e}"),
+            };
+            let payload = &buf[off + HEADER_LEN..off + HEADER_LEN + h.len as usize];
+            let m = match reasm.feed(&h, payload) {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    off += total;
+                    continue;
+                }
+                Err(e) => break 'session format!("bad message: {e}"),
+            };
+            match m.kind {
+                FrameKind::Request => {
+                    match handle_request(
+                        &sh.router,
+                        m.stream_id,
+                        m.meta(),
+                        m.body(),
+                        &done_tx,
+                        &mut inflight,
+                    ) {
+                        Outcome::Echo => encode_frame(
+                            &mut out,
+                            FrameKind::Response,
+                            m.stream_id,
+                            ResponseMeta::OK.len(),
+                            &[&ResponseMeta::OK, m.body()],
+                        ),
+                        Outcome::Reply(resp) => encode_frame(
+                            &mut out,
+                            FrameKind::Response,
+                            m.stream_id,
+                            resp.meta.len(),
+                            &[&resp.meta, &resp.body],
+                        ),
+                        Outcome::Spawned => {}
+                    }
+                }
+                FrameKind::Cancel => {
+                    if let Some(h) = inflight.remove(&m.stream_id) {
+                        h.abort();
+                    }
+                }
+                FrameKind::Ping => {
+                    encode_frame(&mut out, FrameKind::Pong, m.stream_id, 0, &[m.data])
+                }
+                FrameKind::Pong | FrameKind::Goaway => {}
+                k => break 'session format!("unexpected {k:?} frame"),
+            }
+            off += total;
+        }
+        buf.drain(..off);
+        if !out.is_empty() {
+            if let Err(e) = w.write_all(&out).await {
+                break 'session format!("write: {e}");
+            }
+            out.clear();
+            if out.capacity() > 4 << 20 {
+                out.shrink_to(64 * 1024);
+            }
+        }
+        if draining && inflight.is_empty() {
+            break 'session "shutdown".into();
+        }
+    };
+    for (_, h) in inflight {
+        h.abort();
+    }
+    tracing::info!(session = id, ?peer, %reason, "tcp session closed");
+}
