@@ -51,9 +51,19 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
             return;
         }
     };
+    // A server is routable before its Welcome goes out: once `bind`
+    // returns in the app, calls to its service reach it.
+    let fwd_rx = (hello.role == Role::Server && !hello.service.is_empty()).then(|| {
+        let (tx, rx) = mpsc::channel(1024);
+        sh.router.register_local(&hello.service, id, tx);
+        rx
+    });
     let ep = match welcome(&sh, &s, id, &hello).await {
         Ok(ep) => ep,
         Err(reason) => {
+            if fwd_rx.is_some() {
+                sh.router.unregister_local(&hello.service, id);
+            }
             tracing::warn!(session = id, pid = cred.pid, %reason, "session setup failed");
             reject(&s, &reason).await;
             return;
@@ -64,7 +74,7 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
         role = ?hello.role, service = %hello.service,
         "shm session up"
     );
-    let reason = Session::new(sh.clone(), ep, s, id, cred, &hello)
+    let reason = Session::new(sh.clone(), ep, s, id, cred, &hello, fwd_rx)
         .run(shutdown)
         .await;
     tracing::info!(session = id, pid = cred.pid, %reason, "shm session closed");
@@ -214,11 +224,6 @@ impl Session {
         #[allow(deprecated)]
         let bell = AsyncFd::new(bell_fd).expect("register eventfd");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let fwd_rx = (h.role == Role::Server).then(|| {
-            let (tx, rx) = mpsc::channel(1024);
-            sh.router.register_local(&h.service, id, tx);
-            rx
-        });
         let max = ep.max_message as usize;
         Session {
             sh,

@@ -1,0 +1,561 @@
+//! The session path end to end, with the real proxy binary and clients in
+//! this and other processes (issue: session protocol, client shim, proxy).
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshshm::{Call, Client, ClientOptions, Error, Server, Transport};
+use meshshm_tests::{bin, body, eventually, fnv, shm_leftovers_of, Proxy, ProxyOpts};
+
+const T: Duration = Duration::from_secs(10);
+
+/// Sizes from empty to several MiB: the largest are fragmented in the
+/// 2 MiB rings (max frame payload 1 MiB).
+const SIZES: &[usize] = &[
+    0,
+    1,
+    63,
+    64,
+    1000,
+    4096,
+    65_536,
+    1 << 20,
+    (1 << 20) + 7,
+    5 << 20,
+];
+
+/// One suite, run against each transport.
+fn conformance(c: &Client) {
+    for (i, &n) in SIZES.iter().enumerate() {
+        let b = body(i as u64, n);
+        let r = c
+            .call("echo", "Echo", &b, T)
+            .unwrap_or_else(|e| panic!("{n} bytes: {e}"));
+        assert_eq!(r.len(), n);
+        assert!(r == b, "{n}-byte echo differs");
+    }
+    // Unknown service: an error response, not a dropped request.
+    match c.call("no-such-service", "X", b"x", T) {
+        Err(Error::Status { code, message }) => {
+            assert_eq!(code, meshshm::status::NOT_FOUND);
+            assert!(message.contains("no-such-service"), "{message}");
+        }
+        other => panic!("expected NOT_FOUND, got {other:?}"),
+    }
+    // Headers and priority travel; echo ignores them but must accept them.
+    let h: &[(&str, &[u8])] = &[("tenant", b"blue"), ("x-trace", b"1234")];
+    let r = c
+        .invoke(&Call {
+            headers: h,
+            priority: 2,
+            timeout: Some(T),
+            ..Call::new("echo", "Echo", b"with headers")
+        })
+        .unwrap();
+    assert_eq!(r.status, 0);
+    assert_eq!(r.body, b"with headers");
+}
+
+#[test]
+fn shm_and_tcp_give_identical_answers() {
+    let p = Proxy::start();
+    let shm = p.client();
+    assert_eq!(shm.transport(), "shm");
+    conformance(&shm);
+    let tcp = p.tcp_client();
+    assert_eq!(tcp.transport(), "tcp");
+    conformance(&tcp);
+    for (i, &n) in SIZES.iter().enumerate() {
+        let b = body(100 + i as u64, n);
+        assert_eq!(
+            shm.call("echo", "E", &b, T).unwrap(),
+            tcp.call("echo", "E", &b, T).unwrap()
+        );
+    }
+    drop((shm, tcp));
+    assert!(p.log_text().contains("shm session up"));
+}
+
+#[test]
+fn clients_in_other_processes_over_shm_and_tcp() {
+    let p = Proxy::start();
+    let data = body(7, 300_000);
+    let file = p.dir.0.join("body.bin");
+    std::fs::write(&file, &data).unwrap();
+    let run = |extra: &[String]| {
+        let out = Command::new(bin("meshshm"))
+            .arg("--socket")
+            .arg(&p.socket)
+            .args(["call", "echo", "Echo", "--file"])
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let a = run(&[]);
+    let b = run(&["--tcp".into(), p.tcp.to_string()]);
+    assert!(a == data && b == data);
+    // Errors give a message and a non-zero exit.
+    let out = Command::new(bin("meshshm"))
+        .arg("--socket")
+        .arg(&p.socket)
+        .args(["call", "nowhere", "X", "--data", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+}
+
+fn many_in_flight(c: &Client) {
+    let threads = 8;
+    let per = 300;
+    let done = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (c, done) = (c.clone(), done.clone());
+            s.spawn(move || {
+                for i in 0..per {
+                    let seed = (t * 1_000_000 + i) as u64;
+                    let b = body(seed, [8, 100, 1500, 40_000][i % 4]);
+                    let r = c.call("echo", "E", &b, T).expect("call");
+                    assert_eq!(fnv(&r), fnv(&b), "response does not match its request");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(done.load(Ordering::Relaxed), threads * per);
+}
+
+#[test]
+fn many_threads_share_one_client() {
+    let p = Proxy::start();
+    many_in_flight(&p.client());
+    many_in_flight(&p.tcp_client());
+}
+
+#[test]
+fn async_client_many_in_flight() {
+    let p = Proxy::start();
+    let rt = tokio_rt();
+    for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
+        let opts = ClientOptions {
+            socket: Some(p.socket.clone()),
+            transport,
+            ..Default::default()
+        };
+        rt.block_on(async {
+            let c = meshshm::AsyncClient::connect(opts).await.unwrap();
+            let mut tasks = Vec::new();
+            for i in 0..256u64 {
+                let c = c.clone();
+                tasks.push(tokio::spawn(async move {
+                    let b = body(i, 100 + (i as usize * 37) % 5000);
+                    let r = c.call("echo", "E", &b, T).await.unwrap();
+                    assert_eq!(r, b);
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+    }
+}
+
+fn tokio_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Start `meshshm serve SERVICE -- CMD...` against a proxy and wait until
+/// the proxy routes to it.
+fn serve(p: &Proxy, service: &str, cmd: &[&str]) -> KillOnDrop {
+    let child = Command::new(bin("meshshm"))
+        .arg("--socket")
+        .arg(&p.socket)
+        .args(["serve", service])
+        .args(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let guard = KillOnDrop(child);
+    let c = p.client();
+    assert!(
+        eventually(T, || c.call(service, "probe", b"", T).is_ok()),
+        "server for {service} never answered"
+    );
+    guard
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn server_app_over_shm_answers_other_apps() {
+    let p = Proxy::start();
+    let _srv = serve(&p, "upper", &["--", "tr", "a-z", "A-Z"]);
+    let c = p.client();
+    assert_eq!(
+        c.call("upper", "Shout", b"hello mesh", T).unwrap(),
+        b"HELLO MESH"
+    );
+    // Over TCP too, and from several threads.
+    let tcp = p.tcp_client();
+    std::thread::scope(|s| {
+        for i in 0..4 {
+            let (c, tcp) = (c.clone(), tcp.clone());
+            s.spawn(move || {
+                let msg = format!("caller {i}");
+                assert_eq!(
+                    c.call("upper", "S", msg.as_bytes(), T).unwrap(),
+                    msg.to_uppercase().as_bytes()
+                );
+                assert_eq!(
+                    tcp.call("upper", "S", msg.as_bytes(), T).unwrap(),
+                    msg.to_uppercase().as_bytes()
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn server_in_process_sees_metadata_and_replies_out_of_order() {
+    let p = Proxy::start();
+    let server = Server::bind(Some(&p.socket), "svc").unwrap();
+    let c = p.client();
+    let caller = {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..4)
+                    .map(|i| {
+                        let c = c.clone();
+                        s.spawn(move || {
+                            let n = format!("{i}");
+                            let h: &[(&str, &[u8])] = &[("n", n.as_bytes())];
+                            let body = format!("req{i}");
+                            c.invoke(&Call {
+                                headers: h,
+                                timeout: Some(T),
+                                ..Call::new("svc", "Get", body.as_bytes())
+                            })
+                            .unwrap()
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+    };
+    // Collect all four, then answer in reverse order.
+    let mut reqs = Vec::new();
+    while reqs.len() < 4 {
+        if let Some(r) = server.next(Some(T)).unwrap() {
+            assert_eq!(r.service, "svc");
+            assert_eq!(r.method, "Get");
+            assert!(r.deadline.is_some());
+            reqs.push(r);
+        }
+    }
+    for r in reqs.iter().rev() {
+        let n = r
+            .headers
+            .iter()
+            .find(|(k, _)| k == "n")
+            .map(|(_, v)| v.clone())
+            .unwrap();
+        let mut out = r.body.clone();
+        out.extend_from_slice(b":");
+        out.extend_from_slice(&n);
+        server.reply(r.id, 0, &out).unwrap();
+    }
+    let resps = caller.join().unwrap();
+    for (i, r) in resps.iter().enumerate() {
+        assert_eq!(r.body, format!("req{i}:{i}").as_bytes());
+    }
+    // A server error status reaches the caller.
+    let c2 = c.clone();
+    let h = std::thread::spawn(move || c2.call("svc", "Fail", b"", T));
+    let r = loop {
+        if let Some(r) = server.next(Some(T)).unwrap() {
+            break r;
+        }
+    };
+    server
+        .reply_with(r.id, meshshm::status::PERMISSION_DENIED, "no", &[], b"")
+        .unwrap();
+    match h.join().unwrap() {
+        Err(Error::Status { code, message }) => {
+            assert_eq!(code, meshshm::status::PERMISSION_DENIED);
+            assert_eq!(message, "no");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn timeout_fails_the_call_and_cancels() {
+    let p = Proxy::start();
+    let server = Server::bind(Some(&p.socket), "slow").unwrap();
+    let c = p.client();
+    let t0 = Instant::now();
+    match c.call("slow", "Never", b"x", Duration::from_millis(200)) {
+        Err(Error::Timeout(_)) => {}
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(200),
+        "returned early: {took:?}"
+    );
+    // The server did get the request, with the deadline.
+    let r = server
+        .next(Some(T))
+        .unwrap()
+        .expect("request reached the server");
+    assert!(r.deadline.is_some());
+    // A late reply is dropped quietly; the client goes on working.
+    server.reply(r.id, 0, b"late").unwrap();
+    assert_eq!(c.call("echo", "E", b"after", T).unwrap(), b"after");
+}
+
+#[test]
+fn proxy_to_proxy_chain() {
+    // app -> proxy A (shm) -> proxy B (TCP) -> server app (shm)
+    let b = Proxy::start();
+    let _srv = serve(&b, "inventory", &["--", "tr", "a-z", "A-Z"]);
+    let a = Proxy::start_with(ProxyOpts {
+        routes: vec![("inventory".into(), format!("proxy:{}", b.tcp))],
+        ..Default::default()
+    });
+    let c = a.client();
+    assert_eq!(
+        c.call("inventory", "Count", b"apples", T).unwrap(),
+        b"APPLES"
+    );
+    // Many in flight through the pooled proxy-to-proxy connections.
+    std::thread::scope(|s| {
+        for i in 0..6 {
+            let c = c.clone();
+            s.spawn(move || {
+                for j in 0..30 {
+                    let m = format!("item-{i}-{j}");
+                    assert_eq!(
+                        c.call("inventory", "C", m.as_bytes(), T).unwrap(),
+                        m.to_uppercase().as_bytes()
+                    );
+                }
+            });
+        }
+    });
+    // Large bodies cross both hops.
+    let big: Vec<u8> = body(9, 3 << 20).iter().map(|b| b'a' + b % 26).collect();
+    let up: Vec<u8> = big.iter().map(|b| b.to_ascii_uppercase()).collect();
+    assert!(c.call("inventory", "Big", &big, T).unwrap() == up);
+    // A service B does not have: the error comes back through A.
+    let a2 = Proxy::start_with(ProxyOpts {
+        routes: vec![("ghost".into(), format!("proxy:{}", b.tcp))],
+        ..Default::default()
+    });
+    match a2.client().call("ghost", "X", b"", T) {
+        Err(Error::Status { code, .. }) => assert_eq!(code, meshshm::status::NOT_FOUND),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn proxy_killed_under_load_then_clients_reconnect() {
+    let mut p = Proxy::start_with(ProxyOpts {
+        args: vec!["--backing".into(), "/dev/shm".into()],
+        ..Default::default()
+    });
+    let first_pid = p.pid();
+    let socket = p.socket.clone();
+    let server = Server::bind(Some(&socket), "hang").unwrap();
+    let c = p.client();
+    // Calls in flight that the proxy will never answer (the server holds them).
+    let hs: Vec<_> = (0..4)
+        .map(|_| {
+            let c = c.clone();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let r = c.call("hang", "Wait", b"x", Duration::from_secs(30));
+                (r, t0.elapsed())
+            })
+        })
+        .collect();
+    let mut got = 0;
+    while got < 4 {
+        if server.next(Some(T)).unwrap().is_some() {
+            got += 1;
+        }
+    }
+    let killed = Instant::now();
+    p.kill9();
+    for h in hs {
+        let (r, _) = h.join().unwrap();
+        assert!(
+            matches!(r, Err(Error::ProxyGone(_))),
+            "expected ProxyGone, got {r:?}"
+        );
+    }
+    let failed_after = killed.elapsed();
+    assert!(
+        failed_after < Duration::from_secs(2),
+        "calls took {failed_after:?} to fail"
+    );
+    // The server notices too.
+    assert!(matches!(server.next(Some(T)), Err(Error::ProxyGone(_))));
+    // While the proxy is down calls fail fast.
+    assert!(c.call("echo", "E", b"x", T).is_err());
+    // A new proxy on the same socket: the same Client reconnects by itself.
+    let p2 = Proxy::start_with(ProxyOpts {
+        socket: Some(socket.clone()),
+        ..Default::default()
+    });
+    assert!(
+        eventually(T, || c
+            .call("echo", "E", b"back", T)
+            .map(|r| r == b"back")
+            .unwrap_or(false)),
+        "client did not reconnect"
+    );
+    drop(p2);
+    // Killed with SIGKILL, the proxy left no named segment behind.
+    assert!(
+        shm_leftovers_of(first_pid).is_empty(),
+        "{:?}",
+        shm_leftovers_of(first_pid)
+    );
+}
+
+#[test]
+fn killed_client_frees_its_session_and_others_go_on() {
+    let p = Proxy::start_with(ProxyOpts {
+        args: vec!["--backing".into(), "/dev/shm".into()],
+        ..Default::default()
+    });
+    let steady = p.client();
+    let mut victim = Command::new(bin("meshshm-loadgen"))
+        .arg("--socket")
+        .arg(&p.socket)
+        .args([
+            "--threads",
+            "3",
+            "--secs",
+            "30",
+            "--sizes",
+            "64,200000,3000000",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(eventually(T, || p
+        .log_text()
+        .matches("shm session up")
+        .count()
+        >= 2));
+    std::thread::sleep(Duration::from_millis(300));
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    assert!(
+        eventually(T, || p.log_text().contains("app closed the control socket")),
+        "proxy did not notice the dead client:\n{}",
+        p.log_text()
+    );
+    for i in 0..200 {
+        let b = body(i, 3000);
+        assert_eq!(steady.call("echo", "E", &b, T).unwrap(), b);
+    }
+    // Named segments were unlinked right after the handshake.
+    assert!(
+        shm_leftovers_of(p.pid()).is_empty(),
+        "{:?}",
+        shm_leftovers_of(p.pid())
+    );
+}
+
+#[test]
+fn sigterm_shuts_down_cleanly() {
+    let mut p = Proxy::start();
+    let c = p.client();
+    assert_eq!(c.call("echo", "E", b"x", T).unwrap(), b"x");
+    assert!(p.terminate(), "proxy did not exit cleanly on SIGTERM");
+    assert!(!p.socket.exists(), "socket file left behind");
+    assert!(c
+        .call("echo", "E", b"x", Duration::from_millis(500))
+        .is_err());
+}
+
+#[test]
+fn default_socket_path_rule_is_shared_by_proxy_and_cli() {
+    // No --socket anywhere: both sides derive $XDG_RUNTIME_DIR/meshshm/proxy.sock.
+    let dir = meshshm_tests::TempDir::new("xdg");
+    let mut proxy = Command::new(bin("meshshm-proxy"))
+        .args(["--tcp", "off"])
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .env_remove("MESHSHM_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = dir.0.join("meshshm/proxy.sock");
+    assert!(
+        eventually(T, || sock.exists()),
+        "proxy did not create {}",
+        sock.display()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.0.join("meshshm"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    let out = Command::new(bin("meshshm"))
+        .args(["call", "echo", "E", "--data", "via default path"])
+        .env("XDG_RUNTIME_DIR", &dir.0)
+        .env_remove("MESHSHM_SOCKET")
+        .output()
+        .unwrap();
+    // $MESHSHM_SOCKET wins over the rest.
+    let out2 = Command::new(bin("meshshm"))
+        .args(["call", "echo", "E", "--data", "via env"])
+        .env("MESHSHM_SOCKET", &sock)
+        .env("XDG_RUNTIME_DIR", "/nonexistent")
+        .output()
+        .unwrap();
+    meshshm_tests::signal(proxy.id() as i32, 15);
+    let _ = proxy.wait();
+    assert_eq!(
+        out.stdout,
+        b"via default path",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out2.stdout,
+        b"via env",
+        "{}",
+        String::from_utf8_lossy(&out2.stderr)
+    );
+}
