@@ -210,6 +210,7 @@ impl Session {
         id: u64,
         cred: PeerCred,
         h: &Hello,
+        fwd_rx: Option<mpsc::Receiver<Forward>>,
     ) -> Session {
         let bell_fd = ep
             .waiter
