@@ -435,12 +435,18 @@ impl Session {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> String {
         let spin = Duration::from_micros(self.sh.cfg.shm.spin_us);
         let mut draining = false;
+        // Yield to the other sessions of this worker at most every SLICE:
+        // a tokio yield may poll the I/O driver (a syscall), so yielding per
+        // batch or per poll would put a syscall on the hot path.
+        const SLICE: Duration = Duration::from_micros(50);
+        let mut slice_start = Instant::now();
         let reason = loop {
+            if slice_start.elapsed() >= SLICE {
+                tokio::task::yield_now().await;
+                slice_start = Instant::now();
+            }
             match self.step() {
-                Ok(true) => {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
+                Ok(true) => continue,
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(session = self.id, pid = self.cred.pid, error = %e, "closing session: protocol violation");
@@ -454,15 +460,21 @@ impl Session {
             {
                 break "shutdown".to_owned();
             }
-            // Idle: poll for a while, yielding to other sessions.
+            // Idle: poll for a while (in slices, yielding between them).
             let t0 = Instant::now();
             let mut woke = false;
-            while t0.elapsed() < spin {
-                if self.has_work() {
-                    woke = true;
-                    break;
+            'spin: while t0.elapsed() < spin {
+                for _ in 0..64 {
+                    if self.has_work() {
+                        woke = true;
+                        break 'spin;
+                    }
+                    std::hint::spin_loop();
                 }
-                tokio::task::yield_now().await;
+                if slice_start.elapsed() >= SLICE {
+                    tokio::task::yield_now().await;
+                    slice_start = Instant::now();
+                }
             }
             if woke {
                 continue;
