@@ -12,12 +12,15 @@ use meshshm::{Client, ClientOptions, Transport};
 fn measure(c: &Client, n: usize, size: usize) -> (f64, f64) {
     let body = vec![7u8; size];
     for _ in 0..n / 10 {
-        c.call("echo", "E", &body, Duration::from_secs(5)).expect("warm-up call");
+        c.call("echo", "E", &body, Duration::from_secs(5))
+            .expect("warm-up call");
     }
     let mut t: Vec<f64> = (0..n)
         .map(|_| {
             let t0 = Instant::now();
-            let r = c.call("echo", "E", &body, Duration::from_secs(5)).expect("call");
+            let r = c
+                .call("echo", "E", &body, Duration::from_secs(5))
+                .expect("call");
             assert_eq!(r.len(), size);
             t0.elapsed().as_secs_f64() * 1e6
         })

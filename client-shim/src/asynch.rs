@@ -53,12 +53,9 @@ impl AsyncClient {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        self.invoke(&Call {
-            timeout: Some(timeout),
-            ..Call::new(service, method, body)
-        })
-        .await?
-        .into_result()
+        self.invoke(&Call::with_timeout(service, method, body, timeout))
+            .await?
+            .into_result()
     }
 
     /// Make a call with every option.

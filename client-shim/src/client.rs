@@ -158,11 +158,8 @@ impl Client {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        self.invoke(&Call {
-            timeout: Some(timeout),
-            ..Call::new(service, method, body)
-        })?
-        .into_result()
+        self.invoke(&Call::with_timeout(service, method, body, timeout))?
+            .into_result()
     }
 
     /// Make a call with every option; a non-OK status is returned in the
@@ -275,6 +272,19 @@ impl Call<'_> {
             headers: &[],
             timeout: None,
             priority: 1,
+        }
+    }
+
+    /// A call with a timeout, normal priority, no headers.
+    pub fn with_timeout<'a>(
+        service: &'a str,
+        method: &'a str,
+        body: &'a [u8],
+        timeout: Duration,
+    ) -> Call<'a> {
+        Call {
+            timeout: Some(timeout),
+            ..Call::new(service, method, body)
         }
     }
 }

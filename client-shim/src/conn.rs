@@ -278,17 +278,33 @@ impl<L: Link> AnyConn for Conn<L> {
     }
 }
 
+/// Refuse a message above the connection's maximum before writing any of it.
+pub(crate) fn check_size(len: usize, max: usize) -> Result<()> {
+    if len > max {
+        return Err(Error::InvalidArgument(format!(
+            "message of {len} bytes exceeds the maximum of {max}"
+        )));
+    }
+    Ok(())
+}
+
+/// The lock if free now (a poisoned lock is still usable: its state is a
+/// ring position, consistent between operations).
+pub(crate) fn try_lock<T>(m: &std::sync::Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 pub(crate) fn parse_response(m: &Message<'_>) -> Result<Response> {
     let meta = ResponseMeta::decode(m.meta())
         .map_err(|e| Error::Protocol(format!("response metadata: {e}")))?;
     Ok(Response {
         status: meta.status,
         message: meta.message.to_owned(),
-        headers: meta
-            .headers
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.to_vec()))
-            .collect(),
+        headers: meta.headers.to_vec(),
         body: m.body().to_vec(),
     })
 }

@@ -98,11 +98,7 @@ impl Server {
                                 id: m.stream_id,
                                 service: meta.service.to_owned(),
                                 method: meta.method.to_owned(),
-                                headers: meta
-                                    .headers
-                                    .into_iter()
-                                    .map(|(k, v)| (k.to_owned(), v.to_vec()))
-                                    .collect(),
+                                headers: meta.headers.to_vec(),
                                 body: m.body().to_vec(),
                                 deadline: (meta.timeout_ms > 0).then(|| {
                                     Instant::now() + Duration::from_millis(meta.timeout_ms as u64)

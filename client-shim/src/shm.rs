@@ -14,6 +14,7 @@ use meshshm_ring::{
     Segment, Side, WaitOutcome, Waiter, WriteProgress,
 };
 
+use crate::conn::{check_size, try_lock};
 use crate::error::{Error, Result};
 
 /// A connected shm session: control socket plus this app's end of the segment.
@@ -117,13 +118,7 @@ impl ShmLink {
     /// Send one message (as many frames as it takes), waiting for room when
     /// the ring is full. Fails if the proxy goes away meanwhile.
     pub(crate) fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
-        if meta.len() + body.len() > self.max_message {
-            return Err(Error::InvalidArgument(format!(
-                "message of {} bytes exceeds the maximum of {}",
-                meta.len() + body.len(),
-                self.max_message
-            )));
-        }
+        check_size(meta.len() + body.len(), self.max_message)?;
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let mut progress = WriteProgress { sent: 0 };
         let mut pause = Duration::from_micros(5);
@@ -147,11 +142,7 @@ impl ShmLink {
 
     /// The receive side, if no other thread is reading.
     pub(crate) fn try_rx(&self) -> Option<MutexGuard<'_, RxState>> {
-        match self.rx.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        try_lock(&self.rx)
     }
 
     /// The receive side, waiting for it.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use meshshm_proto::{encode_frame, FrameDecoder};
 use meshshm_ring::{FrameKind, Message, Reassembler, WaitOutcome, HEADER_LEN};
 
+use crate::conn::{check_size, try_lock};
 use crate::error::{gone, Error, Result};
 
 pub(crate) struct TcpLink {
@@ -56,13 +57,7 @@ impl TcpLink {
     }
 
     pub(crate) fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
-        if meta.len() + body.len() > self.max_message {
-            return Err(Error::InvalidArgument(format!(
-                "message of {} bytes exceeds the maximum of {}",
-                meta.len() + body.len(),
-                self.max_message
-            )));
-        }
+        check_size(meta.len() + body.len(), self.max_message)?;
         OUT.with(|o| {
             let mut o = o.borrow_mut();
             o.clear();
@@ -73,11 +68,7 @@ impl TcpLink {
     }
 
     pub(crate) fn try_rx(&self) -> Option<MutexGuard<'_, TcpRx>> {
-        match self.rx.try_lock() {
-            Ok(g) => Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        }
+        try_lock(&self.rx)
     }
 
     pub(crate) fn rx(&self) -> MutexGuard<'_, TcpRx> {

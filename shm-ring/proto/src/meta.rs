@@ -64,6 +64,12 @@ impl<'a> HeaderIter<'a> {
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
+    /// Owned copies of all headers.
+    pub fn to_vec(&self) -> Vec<(String, Vec<u8>)> {
+        self.into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_vec()))
+            .collect()
+    }
     /// The first header named `key` (case-sensitive).
     pub fn get(&self, key: &str) -> Option<&'a [u8]> {
         self.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
