@@ -53,9 +53,10 @@ impl AsyncClient {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        self.invoke(&Call::with_timeout(service, method, body, timeout))
-            .await?
-            .into_result()
+        let r = self
+            .invoke(&Call::with_timeout(service, method, body, timeout))
+            .await?;
+        crate::client::deadline_as_timeout(r.into_result(), timeout)
     }
 
     /// Make a call with every option.

@@ -62,8 +62,14 @@ impl Default for ClientOptions {
 /// Largest message the TCP transport accepts (the proxy's default maximum).
 const TCP_MAX_MESSAGE: usize = meshshm_ring::DEFAULT_MAX_MESSAGE as usize;
 
+/// How often a connection handed out to a call is first checked for a
+/// proxy that died while nobody waited on it (one poll syscall).
+const PROBE_EVERY: Duration = Duration::from_millis(50);
+
 struct State {
     conn: Option<Arc<dyn AnyConn>>,
+    /// Last liveness check of `conn` (see PROBE_EVERY).
+    probed: Instant,
     next_attempt: Option<Instant>,
     backoff: Duration,
     last_err: Option<Error>,
@@ -135,6 +141,7 @@ impl Client {
                 opts,
                 state: Mutex::new(State {
                     conn: None,
+                    probed: Instant::now(),
                     next_attempt: None,
                     backoff: Duration::ZERO,
                     last_err: None,
@@ -158,8 +165,8 @@ impl Client {
         body: &[u8],
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        self.invoke(&Call::with_timeout(service, method, body, timeout))?
-            .into_result()
+        let r = self.invoke(&Call::with_timeout(service, method, body, timeout))?;
+        deadline_as_timeout(r.into_result(), timeout)
     }
 
     /// Make a call with every option; a non-OK status is returned in the
@@ -183,8 +190,15 @@ impl Client {
 
     pub(crate) fn conn(&self) -> Result<Arc<dyn AnyConn>> {
         let mut st = self.inner.state.lock().unwrap_or_else(|p| p.into_inner());
+        // A connection nobody waited on may have outlived its proxy (killed,
+        // restarted): look before sending a call into a dead ring, so that
+        // an idle client's next call goes to the new proxy instead of failing.
+        let probe = st.probed.elapsed() >= PROBE_EVERY;
+        if probe {
+            st.probed = Instant::now();
+        }
         if let Some(c) = &st.conn {
-            if c.accepting() {
+            if c.accepting() && !(probe && c.peer_closed()) {
                 return Ok(c.clone());
             }
             st.conn = None;
@@ -251,6 +265,17 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// The proxy's DEADLINE_EXCEEDED and the client's own timer are the same
+/// event seen from two sides: report both as [`Error::Timeout`].
+pub(crate) fn deadline_as_timeout(r: Result<Vec<u8>>, timeout: Duration) -> Result<Vec<u8>> {
+    match r {
+        Err(Error::Status { code, .. }) if code == meshshm_proto::status::DEADLINE_EXCEEDED => {
+            Err(Error::Timeout(timeout))
+        }
+        other => other,
     }
 }
 

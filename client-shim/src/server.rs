@@ -43,6 +43,7 @@ pub struct Request {
 pub struct Server {
     link: ShmLink,
     service: String,
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Server {
@@ -68,6 +69,7 @@ impl Server {
         Ok(Server {
             link,
             service: service.to_owned(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -85,6 +87,9 @@ impl Server {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut rx = self.link.rx();
         loop {
+            if self.closing.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
             let mut got = None;
             let mut stop = false;
             // Take one request at a time; leave the rest in the ring.
@@ -121,6 +126,14 @@ impl Server {
                 return Ok(None);
             }
         }
+    }
+
+    /// Make [`Server::next`] return [`Error::Closed`] now and from now on,
+    /// in whatever thread it waits (for a binding's `stop()`/`close()`).
+    pub fn shutdown(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.link.interrupt();
     }
 
     /// Answer request `id` with `status` (0 = OK) and `body`.

@@ -559,3 +559,28 @@ fn default_socket_path_rule_is_shared_by_proxy_and_cli() {
         String::from_utf8_lossy(&out2.stderr)
     );
 }
+
+#[test]
+fn server_shutdown_wakes_a_blocked_next() {
+    let p = Proxy::start();
+    let server = Arc::new(Server::bind(Some(&p.socket), "quiet").unwrap());
+    let s2 = server.clone();
+    let h = std::thread::spawn(move || s2.next(None));
+    std::thread::sleep(Duration::from_millis(100));
+    server.shutdown();
+    assert!(matches!(h.join().unwrap(), Err(Error::Closed)));
+}
+
+#[test]
+fn proxy_deadline_and_client_timeout_are_the_same_error() {
+    let p = Proxy::start();
+    let _server = Server::bind(Some(&p.socket), "mute").unwrap();
+    // The proxy's timer (deadline in the request) and the client's fire
+    // close together; either way the caller sees Error::Timeout.
+    for _ in 0..3 {
+        match p.client().call("mute", "X", b"", Duration::from_millis(50)) {
+            Err(Error::Timeout(_)) => {}
+            other => panic!("expected a timeout, got {other:?}"),
+        }
+    }
+}

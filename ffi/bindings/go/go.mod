@@ -1,0 +1,3 @@
+module example.invalid/meshshm/ffi/bindings/go
+
+go 1.21
