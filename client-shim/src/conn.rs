@@ -28,12 +28,22 @@ pub(crate) trait Link: Send + Sync + 'static {
     ) -> Result<usize>;
     fn wait(&self, rx: &mut Self::Rx, deadline: Option<Instant>) -> Result<WaitOutcome>;
     fn interrupt(&self);
+    /// Whether the proxy has visibly ended the session (checked without
+    /// waiting; `false` when the transport cannot tell).
+    fn peer_closed(&self) -> bool {
+        false
+    }
 }
 
 impl Link for ShmLink {
     type Rx = RxState;
     fn name(&self) -> &'static str {
         "shm"
+    }
+    fn peer_closed(&self) -> bool {
+        // After the handshake the proxy never writes to the control socket:
+        // readable means EOF, the proxy is gone.
+        crate::shm::readable_now(&self.ctl)
     }
     fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
         ShmLink::send(self, kind, id, meta, body)
@@ -97,6 +107,9 @@ pub(crate) trait AnyConn: Send + Sync {
     fn cancel(&self, id: u64);
     fn close(&self);
     fn in_flight(&self) -> usize;
+    /// Whether the proxy is known gone (a syscall: call it sparingly). If
+    /// so, calls in flight fail now.
+    fn peer_closed(&self) -> bool;
 }
 
 pub(crate) struct Conn<L: Link> {
@@ -138,8 +151,9 @@ impl<L: Link> Conn<L> {
     fn dispatch(&self, m: &Message<'_>) -> Result<()> {
         match m.kind {
             FrameKind::Response => {
-                let r = parse_response(m)?;
-                self.core.deliver(m.stream_id, Ok(r));
+                // Malformed metadata fails that one call, not the connection
+                // (and with it every other call in flight).
+                self.core.deliver(m.stream_id, parse_response(m));
                 Ok(())
             }
             FrameKind::Goaway => {
@@ -186,6 +200,16 @@ impl<L: Link> Conn<L> {
 impl<L: Link> AnyConn for Conn<L> {
     fn transport(&self) -> &'static str {
         self.link.name()
+    }
+
+    fn peer_closed(&self) -> bool {
+        let gone = self.link.peer_closed();
+        if gone {
+            self.fail(Error::ProxyGone(
+                "the proxy closed the control socket".into(),
+            ));
+        }
+        gone
     }
 
     fn accepting(&self) -> bool {

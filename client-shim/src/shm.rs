@@ -26,6 +26,8 @@ pub(crate) struct ShmLink {
     peer: Notifier,
     pub(crate) max_message: usize,
     pub(crate) welcome: Welcome,
+    /// Set (for good) by [`ShmLink::interrupt`]: waits return at once.
+    interrupted: std::sync::atomic::AtomicBool,
 }
 
 pub(crate) struct RxState {
@@ -112,6 +114,7 @@ impl ShmLink {
             peer,
             max_message: max_message as usize,
             welcome,
+            interrupted: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -208,7 +211,10 @@ impl ShmLink {
         let out = self
             .waiter
             .wait_until(
-                || rx.consumer.has_data().unwrap_or(true),
+                || {
+                    rx.consumer.has_data().unwrap_or(true)
+                        || self.interrupted.load(std::sync::atomic::Ordering::Acquire)
+                },
                 deadline,
                 Some(self.ctl.as_fd()),
             )
@@ -221,10 +227,20 @@ impl ShmLink {
         Ok(out)
     }
 
-    /// Wake a thread blocked in [`ShmLink::wait`] (used to stop a reader).
+    /// Wake a thread blocked in [`ShmLink::wait`], and make every later
+    /// wait return at once (used to stop a reader or a server).
     pub(crate) fn interrupt(&self) {
+        self.interrupted
+            .store(true, std::sync::atomic::Ordering::Release);
         self.waiter.interrupt();
     }
+}
+
+/// Whether the socket is readable right now (poll with a zero timeout).
+pub(crate) fn readable_now(s: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 /// poll() the socket for `t`; true if it became readable (EOF or data:

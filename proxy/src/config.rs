@@ -17,6 +17,11 @@ pub struct Config {
     pub shm: Shm,
     #[serde(default)]
     pub routes: BTreeMap<String, String>,
+    #[serde(default)]
+    pub access: Access,
+    /// Mutual TLS between proxies (docs/SECURITY.md).
+    #[serde(default)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -28,16 +33,54 @@ pub struct Listen {
     pub socket_mode: u32,
     #[serde(default)]
     pub tcp: String,
+    /// Owner of the control socket (user name or uid; "" = the proxy's).
+    #[serde(default)]
+    pub socket_owner: String,
+    /// Group of the control socket (group name or gid; "" = the proxy's).
+    #[serde(default)]
+    pub socket_group: String,
+    /// Uids allowed to open sessions on the control socket (empty = any
+    /// uid that the socket's mode lets connect).
+    #[serde(default)]
+    pub allowed_uids: Vec<u32>,
+    /// How long a new control connection may take to send its Hello.
+    #[serde(default = "default_handshake_ms")]
+    pub handshake_timeout_ms: u64,
 }
 
 fn default_mode() -> u32 {
     0o600
 }
 
+fn default_handshake_ms() -> u64 {
+    5000
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Which services each peer uid may call and serve. Keys are uids as
+/// strings, or "*" for every uid without an entry of its own; a list may
+/// hold "*" (any service). With no entry for a uid (and no "*"), the uid may
+/// call and serve anything. TCP peers have no uid: the "*" entry applies.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    #[serde(default)]
+    pub call: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub serve: BTreeMap<String, Vec<String>>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     pub threads: usize,
+    /// Mark the process non-dumpable, so that processes of the same uid can
+    /// neither ptrace it nor open its fds or memory through /proc.
+    #[serde(default = "yes")]
+    pub non_dumpable: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,12 +127,18 @@ impl UpstreamSpec {
 impl Config {
     /// Parse and check a configuration.
     pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        let c = Config::parse_unchecked(text)?;
         c.check()?;
         Ok(c)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Parse without the checks, for a caller that changes the result
+    /// (command-line overrides) and calls [`Config::check`] after.
+    pub fn parse_unchecked(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn check(&self) -> Result<(), String> {
         let pow2 = |v: u64, what: &str| {
             if v.is_power_of_two()
                 && v >= meshshm_ring::MIN_CAPACITY as u64
@@ -116,7 +165,50 @@ impl Config {
         for (svc, up) in &self.routes {
             UpstreamSpec::parse(up).map_err(|e| format!("routes.{svc}: {e}"))?;
         }
+        if !self.listen.allowed_uids.is_empty() && !self.listen.tcp.is_empty() {
+            return Err(
+                "listen.allowed_uids cannot be enforced on the loopback TCP listener \
+                 (TCP peers have no uid): set listen.tcp = \"\" (or --tcp off)"
+                    .into(),
+            );
+        }
+        for (what, rules) in [("call", &self.access.call), ("serve", &self.access.serve)] {
+            for k in rules.keys() {
+                if k != "*" && k.parse::<u32>().is_err() {
+                    return Err(format!("access.{what}: key {k:?} is not a uid or \"*\""));
+                }
+            }
+        }
+        self.socket_owner()?;
+        self.tls.check()?;
         Ok(())
+    }
+
+    /// The uid and gid to give the control socket (`None`: leave as created).
+    pub fn socket_owner(&self) -> Result<(Option<u32>, Option<u32>), String> {
+        let uid = match self.listen.socket_owner.as_str() {
+            "" => None,
+            s => Some(match s.parse::<u32>() {
+                Ok(u) => u,
+                Err(_) => nix::unistd::User::from_name(s)
+                    .map_err(|e| format!("listen.socket_owner = {s:?}: {e}"))?
+                    .ok_or_else(|| format!("listen.socket_owner = {s:?}: no such user"))?
+                    .uid
+                    .as_raw(),
+            }),
+        };
+        let gid = match self.listen.socket_group.as_str() {
+            "" => None,
+            s => Some(match s.parse::<u32>() {
+                Ok(g) => g,
+                Err(_) => nix::unistd::Group::from_name(s)
+                    .map_err(|e| format!("listen.socket_group = {s:?}: {e}"))?
+                    .ok_or_else(|| format!("listen.socket_group = {s:?}: no such group"))?
+                    .gid
+                    .as_raw(),
+            }),
+        };
+        Ok((uid, gid))
     }
 
     pub fn tcp_addr(&self) -> Result<Option<SocketAddr>, String> {
@@ -167,5 +259,23 @@ mod tests {
         assert!(Config::parse(&bad).unwrap_err().contains("ring_size"));
         let bad = DEFAULT.replace("echo = \"echo\"", "echo = \"nowhere\"");
         assert!(Config::parse(&bad).unwrap_err().contains("routes.echo"));
+        let bad = DEFAULT.replace("allowed_uids = []", "allowed_uids = [1000]");
+        assert!(Config::parse(&bad).unwrap_err().contains("allowed_uids"));
+        let bad = format!("{DEFAULT}\n[access.call]\nbob = [\"echo\"]\n");
+        assert!(Config::parse(&bad).unwrap_err().contains("access.call"));
+    }
+
+    #[test]
+    fn access_rules_parse() {
+        let text = DEFAULT
+            .replace("tcp = \"127.0.0.1:15001\"", "tcp = \"\"")
+            .replace("allowed_uids = []", "allowed_uids = [0, 1000]");
+        let c = Config::parse(&format!(
+            "{text}\n[access.call]\n\"1000\" = [\"echo\"]\n\"*\" = []\n[access.serve]\n\"1000\" = [\"*\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.listen.allowed_uids, vec![0, 1000]);
+        assert_eq!(c.access.call["1000"], vec!["echo".to_owned()]);
+        assert!(c.access.call["*"].is_empty());
     }
 }

@@ -17,19 +17,45 @@ pub enum Outcome {
     Reply(Resp),
     /// Forwarded; the answer comes on the session's completion channel.
     Spawned,
+    /// The stream id belongs to a request still in flight: a protocol
+    /// violation (the session closes; answering would make two responses
+    /// with one id, and forgetting the first would let a peer run
+    /// untracked, unbounded work).
+    Reused,
 }
 
-/// Completions of forwarded requests: (stream id, response).
-pub type Done = mpsc::UnboundedSender<(u64, Resp)>;
+/// Completions of forwarded requests: (stream id, the task that ran it,
+/// response). The task id tells a completion of a cancelled request from
+/// one of a later request that reused its stream id.
+pub type Done = mpsc::UnboundedSender<(u64, tokio::task::Id, Resp)>;
 
+/// The requests of one connection that are in flight upstream.
+pub type InFlight = HashMap<u64, AbortHandle>;
+
+/// Take a completion: the stream's entry if it still belongs to `task`
+/// (false: the request was cancelled meanwhile; drop the response).
+pub fn complete(inflight: &mut InFlight, stream_id: u64, task: tokio::task::Id) -> bool {
+    if inflight.get(&stream_id).map(|h| h.id()) == Some(task) {
+        inflight.remove(&stream_id);
+        true
+    } else {
+        false
+    }
+}
+
+/// Route one request. `uid` is the peer's (`None` over TCP), for the access rules.
 pub fn handle_request(
     router: &Router,
+    uid: Option<u32>,
     stream_id: u64,
     meta: &[u8],
     body: &[u8],
     done: &Done,
-    inflight: &mut HashMap<u64, AbortHandle>,
+    inflight: &mut InFlight,
 ) -> Outcome {
+    if inflight.contains_key(&stream_id) {
+        return Outcome::Reused;
+    }
     let m = match RequestMeta::decode(meta) {
         Ok(m) => m,
         Err(e) => {
@@ -39,6 +65,21 @@ pub fn handle_request(
             ))
         }
     };
+    if !router.may_call(uid, m.service) {
+        tracing::debug!(
+            ?uid,
+            service = m.service,
+            "call refused by the access rules"
+        );
+        return Outcome::Reply(Resp::error(
+            status::PERMISSION_DENIED,
+            &format!(
+                "{} may not call service {:?}",
+                uid.map_or("a TCP peer".to_owned(), |u| format!("uid {u}")),
+                m.service
+            ),
+        ));
+    }
     let deadline =
         (m.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(m.timeout_ms as u64));
     match router.route(m.service) {
@@ -52,7 +93,7 @@ pub fn handle_request(
             let (meta, body) = (meta.to_vec(), body.to_vec());
             let h = tokio::spawn(async move {
                 let r = call_upstream(route, meta, body, deadline).await;
-                let _ = done.send((stream_id, r));
+                let _ = done.send((stream_id, tokio::task::id(), r));
             });
             inflight.insert(stream_id, h.abort_handle());
             Outcome::Spawned

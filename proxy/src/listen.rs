@@ -13,6 +13,50 @@ use tokio::task::JoinSet;
 
 use crate::Shared;
 
+/// Connections being refused at once (each is answered with a Reject);
+/// past this, more are closed without an answer.
+const MAX_REFUSING: usize = 256;
+/// Pause after a failed accept (out of fds, typically), so that the loop
+/// does not spin on a listener that stays readable.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Process-wide protections, before any app connects: the fd limit raised
+/// to what the connection limit needs (each shm session holds 4 fds), and
+/// the process made non-dumpable if configured.
+fn harden_process(sh: &Shared) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+            }
+        }
+        let now = getrlimit(Resource::RLIMIT_NOFILE).map_or(soft, |l| l.0);
+        let need = sh.cfg.shm.max_connections as u64 * 4 + 64;
+        if now < need {
+            tracing::warn!(
+                limit = now,
+                need,
+                "the open-file limit is below what shm.max_connections needs; \
+                 connections past it will be refused"
+            );
+        }
+    }
+    if sh.cfg.runtime.non_dumpable {
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %e, "cannot make the process non-dumpable");
+        }
+    }
+}
+
+/// Log refusals without flooding: the first, then every 1000th.
+fn log_refusal(n: u64, what: &str) {
+    if n == 1 || n % 1000 == 0 {
+        tracing::warn!(refused = n, "{what}");
+    }
+}
+
 fn prepare_socket_path(path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         if !dir.exists() {
@@ -33,6 +77,7 @@ fn prepare_socket_path(path: &Path) -> Result<(), String> {
 }
 
 pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
+    harden_process(&sh);
     let path = sh.cfg.socket_path();
     prepare_socket_path(&path)?;
     if let meshshm_ring::Backing::Dir(d) = sh.cfg.backing() {
@@ -47,6 +92,11 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
         std::fs::Permissions::from_mode(sh.cfg.listen.socket_mode),
     )
     .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+    let (uid, gid) = sh.cfg.socket_owner()?;
+    if uid.is_some() || gid.is_some() {
+        std::os::unix::fs::chown(&path, uid, gid)
+            .map_err(|e| format!("chown {}: {e}", path.display()))?;
+    }
     let tcp = match sh.cfg.tcp_addr()? {
         Some(a) => Some(
             TcpListener::bind(a)
@@ -73,6 +123,8 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let limit = Arc::new(Semaphore::new(sh.cfg.shm.max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
+    let refused = AtomicU64::new(0);
     let ids = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -91,12 +143,23 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
                             });
                         }
                         Err(_) => {
-                            tracing::warn!(session = id, "connection limit reached; refusing");
-                            sessions.spawn(crate::shm::refuse(s, "the proxy's connection limit is reached"));
+                            let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                            log_refusal(n, "connection limit reached; refusing");
+                            // Answered with a Reject while few are; closed beyond.
+                            if let Ok(p) = refusing.clone().try_acquire_owned() {
+                                let t = Duration::from_millis(sh.cfg.listen.handshake_timeout_ms.min(1000));
+                                sessions.spawn(async move {
+                                    crate::shm::refuse(s, "the proxy's connection limit is reached", t).await;
+                                    drop(p);
+                                });
+                            }
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "accept on the control socket"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the control socket");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             r = async { tcp.as_ref().expect("guarded").accept().await }, if tcp.is_some() => match r {
                 Ok((s, _)) => {
@@ -110,12 +173,16 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
                             });
                         }
                         Err(_) => {
-                            tracing::warn!(session = id, "connection limit reached; refusing tcp");
+                            let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                            log_refusal(n, "connection limit reached; refusing tcp");
                             drop(s);
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "accept on the tcp listener"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the tcp listener");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = sigint.recv() => break,

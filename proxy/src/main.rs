@@ -8,12 +8,14 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+mod certs;
 mod config;
 mod dispatch;
 mod listen;
 mod router;
 mod shm;
 mod tcp;
+mod tls;
 
 use config::Config;
 
@@ -21,12 +23,15 @@ use config::Config;
 pub struct Shared {
     pub cfg: Config,
     pub router: router::Router,
+    pub tls: Arc<tls::Tls>,
 }
 
 /// meshshm sidecar proxy: serves services over shared memory and loopback TCP.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<certs::Command>,
     /// TOML configuration file (default: the embedded configuration).
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -58,7 +63,7 @@ fn load(args: &Args) -> Result<Config, String> {
         Some(p) => std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => config::DEFAULT.to_owned(),
     };
-    let mut cfg = Config::parse(&text).map_err(|e| match &args.config {
+    let mut cfg = Config::parse_unchecked(&text).map_err(|e| match &args.config {
         Some(p) => format!("{}: {e}", p.display()),
         None => e,
     })?;
@@ -78,17 +83,28 @@ fn load(args: &Args) -> Result<Config, String> {
     if let Some(b) = &args.backing {
         cfg.shm.backing = b.clone();
     }
+    cfg.check()?;
     Ok(cfg)
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(certs::Command::Certs(a)) = &args.command {
+        return certs::run(a);
+    }
     if args.print_default_config {
         print!("{}", config::DEFAULT);
         return ExitCode::SUCCESS;
     }
     let cfg = match load(&args) {
         Ok(c) => c,
+        Err(e) => {
+            eprintln!("meshshm-proxy: bad configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let tls = match tls::Tls::new(&cfg.tls) {
+        Ok(t) => t,
         Err(e) => {
             eprintln!("meshshm-proxy: bad configuration: {e}");
             return ExitCode::from(64);
@@ -118,9 +134,11 @@ fn main() -> ExitCode {
         }
     };
     let shared = Arc::new(Shared {
-        router: router::Router::new(&cfg),
+        router: router::Router::new(&cfg, &tls),
         cfg,
+        tls: tls.clone(),
     });
+    rt.spawn(tls.watch());
     match rt.block_on(listen::run(shared)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

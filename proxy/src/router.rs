@@ -1,11 +1,11 @@
 //! Routing: service name → upstream, and the upstreams that answer from
 //! elsewhere (server apps attached over shm, other proxies over TCP).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use meshshm_proto::{encode_frame, status, FrameDecoder, ResponseMeta};
 use meshshm_ring::{FrameKind, Reassembler, HEADER_LEN};
@@ -35,16 +35,27 @@ impl Resp {
 /// A request handed to an upstream: its encoded metadata (forwarded as is,
 /// with the remaining time patched in) and body.
 pub struct Forward {
+    /// Unique among all forwards of this proxy: the stream id the server app
+    /// sees, and how a cancellation names this request.
+    pub key: u64,
     pub meta: Vec<u8>,
     pub body: Vec<u8>,
     pub deadline: Option<Instant>,
     pub reply: oneshot::Sender<Resp>,
 }
 
+/// The intake of a server app's session: requests, and the keys of
+/// requests whose caller gave up (cancelled, timed out, or went away).
+#[derive(Clone)]
+pub struct LocalTx {
+    pub fwd: mpsc::Sender<Forward>,
+    pub cancel: mpsc::UnboundedSender<u64>,
+}
+
 /// Where one request goes.
 pub enum Route {
     Echo,
-    Local(mpsc::Sender<Forward>),
+    Local(LocalTx),
     Proxy(Arc<RemotePool>),
     NotFound,
 }
@@ -62,7 +73,42 @@ pub fn patch_timeout(meta: &mut [u8], deadline: Option<Instant>) {
 
 struct LocalEntry {
     session: u64,
-    tx: mpsc::Sender<Forward>,
+    tx: LocalTx,
+}
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
+
+/// Services a uid may use, from one `[access.call]` or `[access.serve]` table.
+#[derive(Default)]
+struct Rules {
+    by_uid: HashMap<u32, HashSet<String>>,
+    /// The "*" entry: for uids without one of their own, and TCP peers.
+    rest: Option<HashSet<String>>,
+}
+
+impl Rules {
+    fn new(t: &BTreeMap<String, Vec<String>>) -> Rules {
+        let mut r = Rules::default();
+        for (k, v) in t {
+            let set: HashSet<String> = v.iter().cloned().collect();
+            match k.parse::<u32>() {
+                Ok(uid) => {
+                    r.by_uid.insert(uid, set);
+                }
+                // Keys were checked with the config: anything else is "*".
+                Err(_) => r.rest = Some(set),
+            }
+        }
+        r
+    }
+
+    fn allows(&self, uid: Option<u32>, service: &str) -> bool {
+        let set = uid.and_then(|u| self.by_uid.get(&u)).or(self.rest.as_ref());
+        match set {
+            None => true,
+            Some(s) => s.contains("*") || s.contains(service),
+        }
+    }
 }
 
 pub struct Router {
@@ -71,17 +117,23 @@ pub struct Router {
     locals: Mutex<HashMap<String, Vec<LocalEntry>>>,
     rr: AtomicUsize,
     max_message: usize,
+    may_call: Rules,
+    may_serve: Rules,
 }
 
 impl Router {
-    pub fn new(cfg: &Config) -> Router {
+    pub fn new(cfg: &Config, tls: &Arc<crate::tls::Tls>) -> Router {
         let mut routes = HashMap::new();
         let mut pools = HashMap::new();
         for (svc, up) in &cfg.routes {
             let spec = UpstreamSpec::parse(up).expect("checked when the config was parsed");
             if let UpstreamSpec::Proxy(addr) = spec {
                 pools.entry(addr).or_insert_with(|| {
-                    Arc::new(RemotePool::new(addr, 2, cfg.shm.max_message as usize))
+                    Arc::new(RemotePool::new(
+                        2,
+                        cfg.shm.max_message as usize,
+                        tls.upstream(addr),
+                    ))
                 });
             }
             routes.insert(svc.clone(), spec);
@@ -92,7 +144,19 @@ impl Router {
             locals: Mutex::new(HashMap::new()),
             rr: AtomicUsize::new(0),
             max_message: cfg.shm.max_message as usize,
+            may_call: Rules::new(&cfg.access.call),
+            may_serve: Rules::new(&cfg.access.serve),
         }
+    }
+
+    /// Whether a peer with `uid` (`None`: a TCP peer) may call `service`.
+    pub fn may_call(&self, uid: Option<u32>, service: &str) -> bool {
+        self.may_call.allows(uid, service)
+    }
+
+    /// Whether a peer with `uid` may register as a server of `service`.
+    pub fn may_serve(&self, uid: u32, service: &str) -> bool {
+        self.may_serve.allows(Some(uid), service)
     }
 
     pub fn max_message(&self) -> usize {
@@ -118,7 +182,7 @@ impl Router {
         }
     }
 
-    pub fn register_local(&self, service: &str, session: u64, tx: mpsc::Sender<Forward>) {
+    pub fn register_local(&self, service: &str, session: u64, tx: LocalTx) {
         let mut l = self.locals.lock().unwrap_or_else(|p| p.into_inner());
         l.entry(service.to_owned())
             .or_default()
@@ -147,19 +211,30 @@ pub async fn call_upstream(
     let fut = async {
         match route {
             Route::Local(tx) => {
+                let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
                 let (reply, rx) = oneshot::channel();
+                // Dropped before the answer (caller cancelled or gone, deadline
+                // passed): tells the server app's session to cancel `key`.
+                let mut guard = CancelForward {
+                    cancel: &tx.cancel,
+                    key,
+                    rx: Some(rx),
+                    armed: true,
+                };
                 let fwd = Forward {
+                    key,
                     meta,
                     body,
                     deadline,
                     reply,
                 };
-                if tx.send(fwd).await.is_err() {
+                if tx.fwd.send(fwd).await.is_err() {
+                    guard.armed = false;
                     return Resp::error(status::UNAVAILABLE, "the server app went away");
                 }
-                rx.await.unwrap_or_else(|_| {
-                    Resp::error(status::UNAVAILABLE, "the server app went away")
-                })
+                let r = guard.rx.as_mut().expect("set above").await;
+                guard.armed = false;
+                r.unwrap_or_else(|_| Resp::error(status::UNAVAILABLE, "the server app went away"))
             }
             Route::Proxy(pool) => pool.call(meta, body).await,
             Route::Echo | Route::NotFound => {
@@ -167,21 +242,50 @@ pub async fn call_upstream(
             }
         }
     };
-    match deadline {
+    let r = match deadline {
         Some(d) => match tokio::time::timeout_at(d.into(), fut).await {
             Ok(r) => r,
             Err(_) => Resp::error(status::DEADLINE_EXCEEDED, "deadline exceeded in the proxy"),
         },
         None => fut.await,
+    };
+    // The caller's shim parses this metadata: an upstream must not be able
+    // to hand it bytes that break the caller's connection.
+    if ResponseMeta::decode(&r.meta).is_err() {
+        return Resp::error(
+            status::INTERNAL,
+            "the upstream sent malformed response metadata",
+        );
+    }
+    r
+}
+
+/// See `call_upstream`: cancels a forwarded request whose answer is no
+/// longer awaited. The receiver is closed first, so that a session taking
+/// the request after the cancellation sees it closed and skips it.
+struct CancelForward<'a> {
+    cancel: &'a mpsc::UnboundedSender<u64>,
+    key: u64,
+    rx: Option<oneshot::Receiver<Resp>>,
+    armed: bool,
+}
+
+impl Drop for CancelForward<'_> {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if self.armed {
+            let _ = self.cancel.send(self.key);
+        }
     }
 }
 
 /// A small pool of multiplexed TCP connections to another meshshm proxy.
 pub struct RemotePool {
-    addr: SocketAddr,
     conns: Vec<tokio::sync::Mutex<Option<Arc<RemoteConn>>>>,
     next: AtomicUsize,
     max_message: usize,
+    /// Plaintext or mutual TLS (crate::tls), per the upstream's mode.
+    tls: crate::tls::Upstream,
 }
 
 struct RemoteConn {
@@ -192,14 +296,15 @@ struct RemoteConn {
 }
 
 impl RemotePool {
-    pub fn new(addr: SocketAddr, size: usize, max_message: usize) -> Self {
+    /// `tls` says where the pool connects, and how (plaintext or mutual TLS).
+    pub fn new(size: usize, max_message: usize, tls: crate::tls::Upstream) -> Self {
         RemotePool {
-            addr,
             conns: (0..size.max(1))
                 .map(|_| tokio::sync::Mutex::new(None))
                 .collect(),
             next: AtomicUsize::new(0),
             max_message,
+            tls,
         }
     }
 
@@ -209,15 +314,7 @@ impl RemotePool {
         if let Some(c) = g.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
             return Ok(c.clone());
         }
-        let s = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio::net::TcpStream::connect(self.addr),
-        )
-        .await
-        .map_err(|_| format!("connect to {} timed out", self.addr))?
-        .map_err(|e| format!("connect to {}: {e}", self.addr))?;
-        let _ = s.set_nodelay(true);
-        let (mut r, mut w) = s.into_split();
+        let (mut r, mut w) = self.tls.connect().await?;
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
         let c = Arc::new(RemoteConn {
             tx,
@@ -230,7 +327,8 @@ impl RemotePool {
                 while let Ok(more) = rx.try_recv() {
                     buf.extend_from_slice(&more);
                 }
-                if w.write_all(&buf).await.is_err() {
+                // flush: a TLS stream may hold records back otherwise.
+                if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
                     break;
                 }
             }
@@ -241,6 +339,7 @@ impl RemotePool {
             let dec = FrameDecoder::new(max);
             let mut reasm = Reassembler::new(max);
             let mut buf = Vec::with_capacity(64 * 1024);
+            let mut lost = String::from("connection to the upstream proxy lost");
             'outer: loop {
                 let mut off = 0;
                 while let Ok(Some((h, total))) = dec.decode(&buf[off..]) {
@@ -272,7 +371,12 @@ impl RemotePool {
                     buf.reserve(64 * 1024);
                 }
                 match r.read_buf(&mut buf).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
+                    // The reason (a TLS alert, say) travels to the callers.
+                    Err(e) => {
+                        lost = format!("{lost}: {e}");
+                        break;
+                    }
                     Ok(_) => {}
                 }
             }
@@ -284,10 +388,7 @@ impl RemotePool {
                 .drain()
                 .collect();
             for (_, p) in all {
-                let _ = p.send(Resp::error(
-                    status::UNAVAILABLE,
-                    "connection to the upstream proxy lost",
-                ));
+                let _ = p.send(Resp::error(status::UNAVAILABLE, &lost));
             }
         });
         *g = Some(c.clone());

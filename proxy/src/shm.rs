@@ -26,8 +26,8 @@ use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dispatch::{handle_request, Outcome};
-use crate::router::{Forward, Resp};
+use crate::dispatch::{complete, handle_request, InFlight, Outcome};
+use crate::router::{Forward, LocalTx, Resp};
 use crate::Shared;
 
 /// Run one control connection: handshake, then the session.
@@ -39,7 +39,8 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
             return;
         }
     };
-    let hello = match tokio::time::timeout(Duration::from_secs(5), read_hello(&mut s)).await {
+    let handshake = Duration::from_millis(sh.cfg.listen.handshake_timeout_ms);
+    let hello = match tokio::time::timeout(handshake, read_hello(&mut s)).await {
         Ok(Ok(h)) => h,
         Ok(Err(reason)) => {
             tracing::warn!(session = id, pid = cred.pid, uid = cred.uid, %reason, "handshake refused");
@@ -51,12 +52,30 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
             return;
         }
     };
+    let allowed = &sh.cfg.listen.allowed_uids;
+    let refusal = if !allowed.is_empty() && !allowed.contains(&cred.uid) {
+        Some(format!("uid {} may not connect to this proxy", cred.uid))
+    } else if hello.role == Role::Server && !sh.router.may_serve(cred.uid, &hello.service) {
+        Some(format!(
+            "uid {} may not serve service {:?}",
+            cred.uid, hello.service
+        ))
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        tracing::warn!(session = id, pid = cred.pid, uid = cred.uid, gid = cred.gid, %reason, "access refused");
+        reject(&s, &reason).await;
+        return;
+    }
     // A server is routable before its Welcome goes out: once `bind`
     // returns in the app, calls to its service reach it.
     let fwd_rx = (hello.role == Role::Server && !hello.service.is_empty()).then(|| {
-        let (tx, rx) = mpsc::channel(1024);
-        sh.router.register_local(&hello.service, id, tx);
-        rx
+        let (fwd, rx) = mpsc::channel(1024);
+        let (cancel, cancel_rx) = mpsc::unbounded_channel();
+        sh.router
+            .register_local(&hello.service, id, LocalTx { fwd, cancel });
+        (rx, cancel_rx)
     });
     let ep = match welcome(&sh, &s, id, &hello).await {
         Ok(ep) => ep,
@@ -77,7 +96,7 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
     let reason = Session::new(sh.clone(), ep, s, id, cred, &hello, fwd_rx)
         .run(shutdown)
         .await;
-    tracing::info!(session = id, pid = cred.pid, %reason, "shm session closed");
+    tracing::info!(session = id, pid = cred.pid, uid = cred.uid, gid = cred.gid, %reason, "shm session closed");
 }
 
 async fn read_hello(s: &mut UnixStream) -> Result<Hello, String> {
@@ -193,13 +212,19 @@ struct Session {
     reasm: Reassembler,
     out: VecDeque<OutMsg>,
     out_bytes: usize,
-    done_tx: mpsc::UnboundedSender<(u64, Resp)>,
-    done_rx: mpsc::UnboundedReceiver<(u64, Resp)>,
-    inflight: HashMap<u64, tokio::task::AbortHandle>,
-    // Server role: requests forwarded to this app, awaiting its responses.
+    done_tx: crate::dispatch::Done,
+    done_rx: mpsc::UnboundedReceiver<(u64, tokio::task::Id, Resp)>,
+    inflight: InFlight,
+    /// Request metadata copied out of shared memory before it is parsed.
+    meta_buf: Vec<u8>,
+    // Server role: requests forwarded to this app, awaiting its responses
+    // (keyed by `Forward::key`, the stream id the app sees), and the keys
+    // of forwards whose caller stopped waiting.
     fwd_rx: Option<mpsc::Receiver<Forward>>,
+    cancel_rx: Option<mpsc::UnboundedReceiver<u64>>,
     waiting: HashMap<u64, oneshot::Sender<Resp>>,
-    next_fwd_id: u64,
+    /// Forwards cancelled because their caller stopped waiting.
+    cancelled: u64,
 }
 
 impl Session {
@@ -210,7 +235,7 @@ impl Session {
         id: u64,
         cred: PeerCred,
         h: &Hello,
-        fwd_rx: Option<mpsc::Receiver<Forward>>,
+        fwd: Option<(mpsc::Receiver<Forward>, mpsc::UnboundedReceiver<u64>)>,
     ) -> Session {
         let bell_fd = ep
             .waiter
@@ -226,6 +251,7 @@ impl Session {
         let bell = AsyncFd::new(bell_fd).expect("register eventfd");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let max = ep.max_message as usize;
+        let (fwd_rx, cancel_rx) = fwd.map_or((None, None), |(f, c)| (Some(f), Some(c)));
         Session {
             sh,
             ep,
@@ -241,9 +267,11 @@ impl Session {
             done_tx,
             done_rx,
             inflight: HashMap::new(),
+            meta_buf: Vec::new(),
             fwd_rx,
+            cancel_rx,
             waiting: HashMap::new(),
-            next_fwd_id: 1,
+            cancelled: 0,
         }
     }
 
@@ -281,9 +309,30 @@ impl Session {
         Ok(any)
     }
 
+    /// Too much queued towards the app: stop adding to it.
+    fn backlogged(&self) -> bool {
+        self.out_bytes > 4 * self.ep.tx.capacity()
+    }
+
+    /// Whether to stop reading the app's ring (backpressure). A client's
+    /// ring carries requests: pause while too many are in flight or too
+    /// much waits to go back. A server's ring carries the responses that
+    /// drain its queue: never pause it (that could deadlock with an app
+    /// blocked writing a response); its intake of forwards waits instead.
     fn paused(&self) -> bool {
-        self.inflight.len() >= self.sh.cfg.shm.max_in_flight
-            || self.out_bytes > 4 * self.ep.tx.capacity()
+        match self.role {
+            Role::Client => {
+                self.inflight.len() >= self.sh.cfg.shm.max_in_flight || self.backlogged()
+            }
+            Role::Server => false,
+        }
+    }
+
+    /// Whether a server session takes more forwarded requests now.
+    fn intake_open(&self) -> bool {
+        self.fwd_rx.is_some()
+            && self.waiting.len() < self.sh.cfg.shm.max_in_flight
+            && !self.backlogged()
     }
 
     /// Read and handle what the app published. Returns frames consumed.
@@ -305,10 +354,15 @@ impl Session {
             };
             match (m.kind, self.role) {
                 (FrameKind::Request, Role::Client) => {
+                    // Parsed bytes are copied out of shared memory first: the
+                    // app could change them between the check and the use.
+                    self.meta_buf.clear();
+                    self.meta_buf.extend_from_slice(m.meta());
                     match handle_request(
                         &self.sh.router,
+                        Some(self.cred.uid),
                         m.stream_id,
-                        m.meta(),
+                        &self.meta_buf,
                         m.body(),
                         &self.done_tx,
                         &mut self.inflight,
@@ -345,6 +399,12 @@ impl Session {
                             continue;
                         }
                         Outcome::Spawned => {}
+                        Outcome::Reused => {
+                            return Err(format!(
+                                "stream id {} reused while its request is in flight",
+                                m.stream_id
+                            ))
+                        }
                     }
                 }
                 (FrameKind::Response, Role::Server) => {
@@ -361,11 +421,15 @@ impl Session {
                     }
                 }
                 (FrameKind::Ping, _) => {
-                    let (sid, data) = (m.stream_id, m.data.to_vec());
-                    f.release();
-                    self.enqueue(FrameKind::Pong, sid, Vec::new(), data);
-                    n += 1;
-                    continue;
+                    // Best effort: no answer while the app leaves its
+                    // answers unread (a server's ring is never paused).
+                    if self.out_bytes <= 4 * self.ep.tx.capacity() {
+                        let (sid, data) = (m.stream_id, m.data.to_vec());
+                        f.release();
+                        self.enqueue(FrameKind::Pong, sid, Vec::new(), data);
+                        n += 1;
+                        continue;
+                    }
                 }
                 (FrameKind::Pong | FrameKind::Goaway, _) => {}
                 (k, r) => return Err(format!("unexpected {k:?} frame from a {r:?} app")),
@@ -384,34 +448,57 @@ impl Session {
 
     fn take_completions(&mut self) -> bool {
         let mut any = false;
-        while let Ok((sid, r)) = self.done_rx.try_recv() {
-            self.inflight.remove(&sid);
-            self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+        while let Ok((sid, task, r)) = self.done_rx.try_recv() {
+            if complete(&mut self.inflight, sid, task) {
+                self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+                any = true;
+            }
+        }
+        while let Some(key) = self.cancel_rx.as_mut().and_then(|c| c.try_recv().ok()) {
+            self.cancel_forward(key);
             any = true;
         }
-        if let Some(rx) = &mut self.fwd_rx {
-            let mut got = Vec::new();
-            while self.waiting.len() + got.len() < self.sh.cfg.shm.max_in_flight {
-                match rx.try_recv() {
-                    Ok(f) => got.push(f),
-                    Err(_) => break,
+        while self.intake_open() {
+            match self.fwd_rx.as_mut().map(|rx| rx.try_recv()) {
+                Some(Ok(f)) => {
+                    self.forward(f);
+                    any = true;
                 }
-            }
-            for f in got {
-                self.forward(f);
-                any = true;
+                _ => break,
             }
         }
         any
     }
 
     fn forward(&mut self, f: Forward) {
-        let id = self.next_fwd_id;
-        self.next_fwd_id += 1;
+        // Its caller stopped waiting before we took it: do not pass it on.
+        if f.reply.is_closed() {
+            return;
+        }
         let mut meta = f.meta;
         crate::router::patch_timeout(&mut meta, f.deadline);
-        self.waiting.insert(id, f.reply);
-        self.enqueue(FrameKind::Request, id, meta, f.body);
+        self.waiting.insert(f.key, f.reply);
+        self.enqueue(FrameKind::Request, f.key, meta, f.body);
+    }
+
+    /// The caller of forward `key` stopped waiting: drop the request if it
+    /// is still queued here, else tell the server app to cancel it.
+    fn cancel_forward(&mut self, key: u64) {
+        if self.waiting.remove(&key).is_none() {
+            return;
+        }
+        self.cancelled += 1;
+        let queued = self
+            .out
+            .iter()
+            .position(|m| m.kind == FrameKind::Request && m.id == key && m.progress.sent == 0);
+        match queued {
+            Some(i) => {
+                let m = self.out.remove(i).expect("index from position");
+                self.out_bytes -= m.meta.len() + m.body.len();
+            }
+            None => self.enqueue(FrameKind::Cancel, key, Vec::new(), Vec::new()),
+        }
     }
 
     /// One pass over everything that may need doing; true if anything moved.
@@ -429,7 +516,8 @@ impl Session {
     fn has_work(&mut self) -> bool {
         (!self.paused() && self.ep.rx.has_data().unwrap_or(true))
             || !self.done_rx.is_empty()
-            || self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty())
+            || self.cancel_rx.as_ref().is_some_and(|r| !r.is_empty())
+            || (self.intake_open() && self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty()))
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> String {
@@ -485,8 +573,7 @@ impl Session {
                 self.ep.waiter.cancel_sleep();
                 continue;
             }
-            let fwd_open =
-                self.fwd_rx.is_some() && self.waiting.len() < self.sh.cfg.shm.max_in_flight;
+            let fwd_open = self.intake_open();
             let mut ended = None;
             tokio::select! {
                 g = self.bell.readable() => {
@@ -495,12 +582,16 @@ impl Session {
                         g.clear_ready();
                     }
                 }
-                Some((sid, r)) = self.done_rx.recv() => {
-                    self.inflight.remove(&sid);
-                    self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+                Some((sid, task, r)) = self.done_rx.recv() => {
+                    if complete(&mut self.inflight, sid, task) {
+                        self.enqueue(FrameKind::Response, sid, r.meta, r.body);
+                    }
                 }
                 Some(f) = async { self.fwd_rx.as_mut()?.recv().await }, if fwd_open => {
                     self.forward(f);
+                }
+                Some(key) = async { self.cancel_rx.as_mut()?.recv().await } => {
+                    self.cancel_forward(key);
                 }
                 r = self.ctl.readable() => {
                     let mut b = [0u8; 64];
@@ -528,8 +619,20 @@ impl Session {
     }
 
     fn close(&mut self) {
+        // Aborting a forwarding task cancels its request at the upstream
+        // (a server app gets a Cancel frame; a remote proxy too).
+        let aborted = self.inflight.len();
         for (_, h) in self.inflight.drain() {
             h.abort();
+        }
+        if aborted > 0 || self.cancelled > 0 {
+            tracing::info!(
+                session = self.id,
+                pid = self.cred.pid,
+                aborted,
+                cancelled_forwards = self.cancelled,
+                "cancelled the upstream requests of the session"
+            );
         }
         if self.fwd_rx.is_some() {
             self.sh.router.unregister_local(&self.service, self.id);
@@ -549,8 +652,8 @@ impl Session {
 }
 
 /// Refuse a connection before any handshake work (limits).
-pub async fn refuse(mut s: UnixStream, reason: &'static str) {
+pub async fn refuse(mut s: UnixStream, reason: &'static str, wait: Duration) {
     // Read the hello (bounded) so the app gets the answer, not a reset.
-    let _ = tokio::time::timeout(Duration::from_secs(1), read_hello(&mut s)).await;
+    let _ = tokio::time::timeout(wait, read_hello(&mut s)).await;
     reject(&s, reason).await;
 }

@@ -1,26 +1,42 @@
 //! The loopback-TCP listener's sessions: the same frames on a socket.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use meshshm_proto::{encode_frame, FrameDecoder, ResponseMeta};
 use meshshm_ring::{FrameKind, Reassembler, HEADER_LEN};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::dispatch::{handle_request, Outcome};
+use crate::dispatch::{complete, handle_request, InFlight, Outcome};
+use crate::tls::PeerIdentity;
 use crate::Shared;
 
-pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Receiver<bool>) {
-    let peer = s.peer_addr().ok();
-    let _ = s.set_nodelay(true);
-    let (mut r, mut w) = s.into_split();
+pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, shutdown: watch::Receiver<bool>) {
+    // Plaintext or TLS, by the listener's mode (crate::tls); then `serve`.
+    crate::tls::accept(sh, s, id, shutdown).await
+}
+
+/// Serve one session on a plaintext or TLS stream. `identity` is the
+/// verified identity of a TLS peer (`None`: plaintext).
+pub async fn serve<S>(
+    sh: Arc<Shared>,
+    s: S,
+    peer: Option<SocketAddr>,
+    identity: Option<Arc<PeerIdentity>>,
+    id: u64,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin,
+{
+    let (mut r, mut w) = tokio::io::split(s);
     let max = sh.router.max_message();
     let dec = FrameDecoder::new(max);
     let mut reasm = Reassembler::new(max);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, crate::router::Resp)>();
-    let mut inflight = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, _, crate::router::Resp)>();
+    let mut inflight: InFlight = HashMap::new();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut draining = false;
@@ -32,17 +48,20 @@ pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Re
                 Err(e) => break 'session format!("read: {e}"),
                 Ok(_) => {}
             },
-            Some((sid, resp)) = done_rx.recv() => {
-                inflight.remove(&sid);
-                encode_frame(&mut out, FrameKind::Response, sid, resp.meta.len(), &[&resp.meta, &resp.body]);
+            Some((sid, task, resp)) = done_rx.recv() => {
+                if complete(&mut inflight, sid, task) {
+                    encode_frame(&mut out, FrameKind::Response, sid, resp.meta.len(), &[&resp.meta, &resp.body]);
+                }
             }
             _ = shutdown.changed(), if !draining => {
                 draining = true;
                 encode_frame(&mut out, FrameKind::Goaway, 0, 0, &[]);
             }
         }
-        while let Ok((sid, resp)) = done_rx.try_recv() {
-            inflight.remove(&sid);
+        while let Ok((sid, task, resp)) = done_rx.try_recv() {
+            if !complete(&mut inflight, sid, task) {
+                continue;
+            }
             encode_frame(
                 &mut out,
                 FrameKind::Response,
@@ -69,14 +88,20 @@ pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Re
             };
             match m.kind {
                 FrameKind::Request => {
-                    match handle_request(
-                        &sh.router,
-                        m.stream_id,
-                        m.meta(),
-                        m.body(),
-                        &done_tx,
-                        &mut inflight,
-                    ) {
+                    // Identity-based rules (tls.allow) first, then routing.
+                    let outcome = match sh.tls.check_call(identity.as_deref(), m.meta()) {
+                        Some(denied) => Outcome::Reply(denied),
+                        None => handle_request(
+                            &sh.router,
+                            None,
+                            m.stream_id,
+                            m.meta(),
+                            m.body(),
+                            &done_tx,
+                            &mut inflight,
+                        ),
+                    };
+                    match outcome {
                         Outcome::Echo => encode_frame(
                             &mut out,
                             FrameKind::Response,
@@ -92,6 +117,12 @@ pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Re
                             &[&resp.meta, &resp.body],
                         ),
                         Outcome::Spawned => {}
+                        Outcome::Reused => {
+                            break 'session format!(
+                                "stream id {} reused while its request is in flight",
+                                m.stream_id
+                            )
+                        }
                     }
                 }
                 FrameKind::Cancel => {
@@ -109,7 +140,11 @@ pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Re
         }
         buf.drain(..off);
         if !out.is_empty() {
+            // flush: a TLS stream may hold records back otherwise.
             if let Err(e) = w.write_all(&out).await {
+                break 'session format!("write: {e}");
+            }
+            if let Err(e) = w.flush().await {
                 break 'session format!("write: {e}");
             }
             out.clear();
@@ -124,5 +159,6 @@ pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, mut shutdown: watch::Re
     for (_, h) in inflight {
         h.abort();
     }
-    tracing::info!(session = id, ?peer, %reason, "tcp session closed");
+    let identity = identity.as_deref().map(PeerIdentity::name);
+    tracing::info!(session = id, ?peer, ?identity, %reason, "tcp session closed");
 }

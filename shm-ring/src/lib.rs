@@ -37,6 +37,9 @@ mod doorbell;
 mod error;
 mod fragment;
 mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod hostile;
 mod ring;
 mod segment;
 mod sync;

@@ -433,6 +433,14 @@ impl Consumer {
         self.poisoned
     }
 
+    /// Addresses of the data area (for the hostile-producer harness, which
+    /// checks that every frame handed out lies inside it).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn data_area(&self) -> std::ops::Range<usize> {
+        let base = self.ring.data.as_ptr() as usize;
+        base..base + self.ring.cap
+    }
+
     fn poison(&mut self, e: RingError) -> RingError {
         self.poisoned = true;
         e

@@ -65,6 +65,8 @@ pub struct ProxyOpts {
     pub args: Vec<String>,
     /// reuse this socket path (to restart a proxy in place)
     pub socket: Option<PathBuf>,
+    /// config text appended after the routes (whole sections, such as `[tls]`)
+    pub extra: String,
 }
 
 impl Proxy {
@@ -80,6 +82,7 @@ impl Proxy {
         for (svc, up) in &o.routes {
             cfg.push_str(&format!("{svc} = \"{up}\"\n"));
         }
+        cfg.push_str(&o.extra);
         let cfg_path = dir.0.join("proxy.toml");
         std::fs::write(&cfg_path, cfg).expect("write config");
         let log = dir.0.join("proxy.log");

@@ -10,6 +10,9 @@
 
 mod codec;
 mod fdpass;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzz;
 mod handshake;
 mod meta;
 mod path;

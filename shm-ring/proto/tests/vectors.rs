@@ -2,7 +2,9 @@
 //! there must be exactly what the code encodes for NAME, and must decode
 //! back to the same value.
 
-use meshshm_proto::{encode_frame, Answer, Hello, Reject, RequestMeta, ResponseMeta, Role, Welcome};
+use meshshm_proto::{
+    encode_frame, Answer, Hello, Reject, RequestMeta, ResponseMeta, Role, Welcome,
+};
 use meshshm_ring::{FrameHeader, FrameKind, FLAG_CONT, FLAG_MORE};
 
 fn doc_vectors() -> Vec<(String, Vec<u8>)> {
@@ -34,7 +36,9 @@ fn doc_vectors() -> Vec<(String, Vec<u8>)> {
 
 fn expected(name: &str) -> Vec<u8> {
     match name {
-        "frame-header" => FrameHeader::single(FrameKind::Request, 7, 5, 9).encode().to_vec(),
+        "frame-header" => FrameHeader::single(FrameKind::Request, 7, 5, 9)
+            .encode()
+            .to_vec(),
         "frame-fragment" => FrameHeader {
             len: 16,
             kind: FrameKind::Response,
@@ -77,7 +81,13 @@ fn expected(name: &str) -> Vec<u8> {
         }
         "tcp-response-frame" => {
             let mut v = Vec::new();
-            encode_frame(&mut v, FrameKind::Response, 1, 8, &[&ResponseMeta::OK, b"hi"]);
+            encode_frame(
+                &mut v,
+                FrameKind::Response,
+                1,
+                8,
+                &[&ResponseMeta::OK, b"hi"],
+            );
             v
         }
         other => panic!("docs/PROTOCOL.md has a vector {other:?} that no test knows"),
@@ -87,12 +97,15 @@ fn expected(name: &str) -> Vec<u8> {
 #[test]
 fn documented_vectors_match_the_code() {
     let v = doc_vectors();
-    assert!(v.len() >= 9, "expected the vectors in docs/PROTOCOL.md, found {}", v.len());
+    assert!(
+        v.len() >= 9,
+        "expected the vectors in docs/PROTOCOL.md, found {}",
+        v.len()
+    );
     for (name, bytes) in &v {
         let want = expected(name);
         assert_eq!(
-            bytes,
-            &want,
+            bytes, &want,
             "vector {name}: doc has {bytes:02x?}, code encodes {want:02x?}"
         );
     }
@@ -117,7 +130,10 @@ fn documented_vectors_decode() {
             }
             "request-meta" => {
                 let m = RequestMeta::decode(&bytes).unwrap();
-                assert_eq!((m.service, m.method, m.timeout_ms, m.priority), ("echo", "Echo", 1000, 1));
+                assert_eq!(
+                    (m.service, m.method, m.timeout_ms, m.priority),
+                    ("echo", "Echo", 1000, 1)
+                );
                 assert_eq!(m.headers.get("tenant"), Some(&b"blue"[..]));
             }
             "response-meta-ok" | "response-meta-error" => {
@@ -138,7 +154,10 @@ fn wrong_versions_and_magic_are_refused_not_misread() {
     );
     let mut h = expected("hello");
     h[0] = b'X';
-    assert!(matches!(Hello::decode(&h), Err(meshshm_proto::DecodeError::BadMagic(_))));
+    assert!(matches!(
+        Hello::decode(&h),
+        Err(meshshm_proto::DecodeError::BadMagic(_))
+    ));
     let mut w = expected("welcome");
     w[4] = 9;
     assert!(Answer::decode(&w).is_err());

@@ -1,0 +1,332 @@
+//! The six transports and the server process behind each: a proxy per
+//! shm/TCP transport (so each one's CPU is its own), the Unix-socket echo
+//! server, and a ring-echo child per floor.
+
+use std::net::SocketAddr;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use clap::ValueEnum;
+use meshshm::{AsyncClient, Call, Client, ClientOptions};
+
+use crate::floor::{self, FloorConn};
+use crate::mux::MuxConn;
+use crate::procs::ServerProc;
+use crate::uds::{self, UdsConn};
+use crate::wire::{check_echo, METHOD, SERVICE};
+
+/// What is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
+pub enum Transport {
+    /// shm through the proxy; client and proxy spin before they sleep
+    #[value(name = "shm-spin")]
+    ShmSpin,
+    /// shm through the proxy; neither spins: every wait is a doorbell
+    #[value(name = "shm-block")]
+    ShmBlock,
+    /// loopback TCP through the proxy, the same frames
+    #[value(name = "tcp")]
+    Tcp,
+    /// a plain Unix-socket echo server (reference)
+    #[value(name = "uds")]
+    Uds,
+    /// bare two-process ring echo, spinning (floor)
+    #[value(name = "ring-floor")]
+    RingFloor,
+    /// bare two-process ring echo, eventfd doorbells, no spinning (floor)
+    #[value(name = "ring-floor-block")]
+    RingFloorBlock,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 6] = [
+        Transport::ShmSpin,
+        Transport::ShmBlock,
+        Transport::Tcp,
+        Transport::Uds,
+        Transport::RingFloor,
+        Transport::RingFloorBlock,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::ShmSpin => "shm-spin",
+            Transport::ShmBlock => "shm-block",
+            Transport::Tcp => "tcp",
+            Transport::Uds => "uds",
+            Transport::RingFloor => "ring-floor",
+            Transport::RingFloorBlock => "ring-floor-block",
+        }
+    }
+
+    /// Whether both sides spin before sleeping.
+    pub fn spins(self) -> bool {
+        matches!(self, Transport::ShmSpin | Transport::RingFloor)
+    }
+}
+
+/// Spin settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Spin {
+    /// client polls before sleeping (`ClientOptions::spin`, `Waiter` spin)
+    pub client_polls: u32,
+    /// server µs of polling before sleeping (`--spin-us`, the floor child)
+    pub server_us: u64,
+}
+
+enum Kind {
+    Proxy { socket: PathBuf, tcp: SocketAddr },
+    Uds { socket: PathBuf },
+    Floor { ctl: UnixStream },
+}
+
+/// A transport's server process, ready to take connections.
+pub struct Backend {
+    pub transport: Transport,
+    proc: ServerProc,
+    kind: Kind,
+    spin: Spin,
+    /// ring bytes per direction asked for (0: the proxy's default)
+    ring: usize,
+    /// The shim's async client, made once and kept: dropping an shm
+    /// `AsyncClient` does not stop its reader thread (it stays blocked on
+    /// the doorbell, holding the session open), so one per cell would pile
+    /// up threads and sessions.
+    async_shim: std::cell::OnceCell<AsyncClient>,
+}
+
+/// How to start the servers.
+pub struct Setup<'a> {
+    pub proxy: &'a Path,
+    pub proxy_threads: usize,
+    pub dir: &'a Path,
+    pub spin: Spin,
+    /// ring bytes per direction (0: the proxy's default, 2 MiB)
+    pub ring_size: usize,
+}
+
+const READY: Duration = Duration::from_secs(20);
+
+impl Backend {
+    pub fn start(t: Transport, o: &Setup<'_>) -> Result<Backend, String> {
+        let me = std::env::current_exe().map_err(|e| e.to_string())?;
+        let parent = std::process::id().to_string();
+        let spin = if t.spins() {
+            o.spin
+        } else {
+            Spin {
+                client_polls: 0,
+                server_us: 0,
+            }
+        };
+        let log = o.dir.join(format!("{}.log", t.name()));
+        match t {
+            Transport::ShmSpin | Transport::ShmBlock | Transport::Tcp => {
+                let socket = o.dir.join(format!("{}.sock", t.name()));
+                let mut cmd = Command::new(&me);
+                cmd.args(["exec", "--parent", &parent, "--"])
+                    .arg(o.proxy)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["--tcp", "127.0.0.1:0", "--spin-us"])
+                    .arg(spin.server_us.to_string())
+                    .arg("--threads")
+                    .arg(o.proxy_threads.to_string())
+                    .env("RUST_LOG", "warn");
+                let name = format!("meshshm-proxy ({})", t.name());
+                let (proc, line) =
+                    ServerProc::spawn(&name, cmd, log, "meshshm-proxy ready", READY)?;
+                let tcp = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("tcp="))
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| format!("{name}: no tcp= address in {line:?}"))?;
+                Ok(Backend {
+                    transport: t,
+                    proc,
+                    kind: Kind::Proxy { socket, tcp },
+                    spin,
+                    ring: o.ring_size,
+                    async_shim: Default::default(),
+                })
+            }
+            Transport::Uds => {
+                let socket = o.dir.join("uds-echo.sock");
+                let mut cmd = Command::new(&me);
+                cmd.args(["uds-echo", "--parent", &parent, "--socket"])
+                    .arg(&socket);
+                let (proc, _) = ServerProc::spawn("uds-echo", cmd, log, "uds-echo ready", READY)?;
+                Ok(Backend {
+                    transport: t,
+                    proc,
+                    kind: Kind::Uds { socket },
+                    spin,
+                    ring: o.ring_size,
+                    async_shim: Default::default(),
+                })
+            }
+            Transport::RingFloor | Transport::RingFloorBlock => {
+                let path = o.dir.join(format!("{}.sock", t.name()));
+                let l =
+                    UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                let mut cmd = Command::new(&me);
+                cmd.args(["ring-echo", "--parent", &parent, "--connect"])
+                    .arg(&path);
+                let name = format!("ring-echo ({})", t.name());
+                let (proc, _) = ServerProc::spawn(&name, cmd, log, "ring-echo ready", READY)?;
+                // The child connected before it said ready.
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                let (ctl, _) = l
+                    .accept()
+                    .map_err(|e| format!("{name} did not connect: {e}"))?;
+                ctl.set_nonblocking(false).map_err(|e| e.to_string())?;
+                let _ = std::fs::remove_file(&path);
+                Ok(Backend {
+                    transport: t,
+                    proc,
+                    kind: Kind::Floor { ctl },
+                    spin,
+                    ring: o.ring_size,
+                    async_shim: Default::default(),
+                })
+            }
+        }
+    }
+
+    /// The server process (its CPU is the "proxy" column).
+    pub fn pid(&self) -> i32 {
+        self.proc.pid()
+    }
+
+    /// Is it still running? (`Err` says how it ended, with its log.)
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        match self.proc.exited() {
+            None => Ok(()),
+            Some(st) => Err(format!(
+                "{} exited ({st}); its log:\n{}",
+                self.proc.name(),
+                self.proc.log_tail()
+            )),
+        }
+    }
+
+    fn shim_options(&self) -> ClientOptions {
+        let Kind::Proxy { socket, tcp } = &self.kind else {
+            unreachable!("shim options for a proxy transport only")
+        };
+        ClientOptions {
+            socket: Some(socket.clone()),
+            transport: if self.transport == Transport::Tcp {
+                meshshm::Transport::Tcp(*tcp)
+            } else {
+                meshshm::Transport::Shm
+            },
+            tcp_fallback: None,
+            service: "meshshm-bench".into(),
+            spin: self.spin.client_polls,
+            ring_size: self.ring as u64,
+            ..ClientOptions::default()
+        }
+    }
+
+    fn floor_opts(&self) -> floor::FloorOpts {
+        floor::FloorOpts {
+            client_spin: self.spin.client_polls,
+            server_spin_us: self.spin.server_us,
+            ring: if self.ring == 0 {
+                floor::RING
+            } else {
+                self.ring
+            },
+        }
+    }
+
+    /// A connection for one request at a time.
+    pub fn sync_conn(&self) -> Result<SyncConn, String> {
+        Ok(match &self.kind {
+            Kind::Proxy { .. } => SyncConn::Shim(
+                Client::with_options(self.shim_options()).map_err(|e| e.to_string())?,
+            ),
+            Kind::Uds { socket } => SyncConn::Uds(UdsConn::connect(socket)?),
+            Kind::Floor { ctl } => {
+                SyncConn::Floor(Box::new(FloorConn::open(ctl, &self.floor_opts())?))
+            }
+        })
+    }
+
+    /// A connection for many requests in flight (tokio tasks).
+    pub async fn async_conn(&self) -> Result<AsyncConn, String> {
+        Ok(match &self.kind {
+            Kind::Proxy { .. } => {
+                if self.async_shim.get().is_none() {
+                    let c = AsyncClient::connect(self.shim_options())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let _ = self.async_shim.set(c);
+                }
+                AsyncConn::Shim(self.async_shim.get().expect("set above").clone())
+            }
+            Kind::Uds { socket } => AsyncConn::Mux(std::rc::Rc::new(uds::connect_mux(socket)?)),
+            Kind::Floor { ctl } => AsyncConn::Mux(std::rc::Rc::new(floor::connect_mux(
+                ctl,
+                &self.floor_opts(),
+            )?)),
+        })
+    }
+}
+
+/// One request at a time, on the calling thread.
+pub enum SyncConn {
+    Shim(Client),
+    Uds(UdsConn),
+    Floor(Box<FloorConn>),
+}
+
+impl SyncConn {
+    /// Send `body`, wait for the echo, check it.
+    pub fn call(&mut self, body: &[u8], resp: &mut Vec<u8>) -> Result<(), String> {
+        match self {
+            SyncConn::Shim(c) => {
+                let r = c
+                    .invoke(&Call::new(SERVICE, METHOD, body))
+                    .map_err(|e| e.to_string())?;
+                if r.status != meshshm::status::OK {
+                    return Err(format!("status {}: {}", r.status, r.message));
+                }
+                *resp = r.body;
+            }
+            SyncConn::Uds(c) => c.call(body, resp)?,
+            SyncConn::Floor(c) => c.call(body, resp)?,
+        }
+        check_echo(resp, body)
+    }
+}
+
+/// Many requests in flight, shared by the tasks of one thread.
+#[derive(Clone)]
+pub enum AsyncConn {
+    Shim(AsyncClient),
+    Mux(std::rc::Rc<MuxConn>),
+}
+
+impl AsyncConn {
+    /// Send `body`, await the echo, check it.
+    pub async fn call(&self, body: &[u8]) -> Result<(), String> {
+        let got = match self {
+            AsyncConn::Shim(c) => {
+                let r = c
+                    .invoke(&Call::new(SERVICE, METHOD, body))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if r.status != meshshm::status::OK {
+                    return Err(format!("status {}: {}", r.status, r.message));
+                }
+                r.body
+            }
+            AsyncConn::Mux(m) => m.call(body).await?,
+        };
+        check_echo(&got, body)
+    }
+}

@@ -1,0 +1,483 @@
+//! The bare two-process ring echo (the floors `ring-floor` and
+//! `ring-floor-block`): one segment with two rings straight on
+//! `meshshm-ring`, a child process that echoes each request frame back,
+//! no proxy, no routing, no session protocol beyond handing over the fds.
+//! It does the same copies as the path through the proxy (request into the
+//! ring, echo from ring to ring, response out of the ring into the
+//! caller's buffer) and waits the same way (spin, then the eventfd
+//! doorbell, with the control socket as the second fd, like the shim);
+//! what it leaves out is exactly the proxy's own work.
+//!
+//! The child connects to a socket of the parent's and then receives, per
+//! session, a small message with the segment and both eventfds
+//! (SCM_RIGHTS, `meshshm_proto::send_with_fds`). A Goaway frame in the
+//! ring ends a session; EOF on the socket ends the child.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshshm_proto::{recv_with_fds, send_with_fds, ResponseMeta};
+use meshshm_ring::{
+    write_message, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind, Notifier, Producer,
+    Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress, DEFAULT_MAX_MESSAGE,
+};
+
+use crate::mux::{Mux, MuxConn, MuxTx};
+use crate::wire::{check_response_meta, request_meta, OnResponse};
+
+/// Ring size per direction unless asked otherwise: the proxy's default
+/// (`shm.ring_size`), so large messages fragment the same way as through it.
+pub const RING: usize = 2 << 20;
+
+/// How a floor session is set up.
+#[derive(Debug, Clone, Copy)]
+pub struct FloorOpts {
+    /// client polls before sleeping
+    pub client_spin: u32,
+    /// child µs of polling before sleeping
+    pub server_spin_us: u64,
+    /// bytes per ring direction (power of two)
+    pub ring: usize,
+}
+const MAGIC: &[u8; 4] = b"MSB1";
+
+fn s(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+// ---------------------------------------------------------------- child
+
+/// The hidden `ring-echo` subcommand.
+pub fn child_main(connect: &Path, parent: i32) -> std::process::ExitCode {
+    crate::procs::child_guard(parent);
+    match child(connect) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ring-echo: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn child(connect: &Path) -> Result<(), String> {
+    let ctl = UnixStream::connect(connect).map_err(|e| format!("{}: {e}", connect.display()))?;
+    println!("ring-echo ready");
+    let _ = std::io::stdout().flush();
+    loop {
+        let mut b = [0u8; 64];
+        let (n, fds) = recv_with_fds(ctl.as_fd(), &mut b).map_err(s)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n != 12 || &b[..4] != MAGIC || fds.len() != 3 {
+            return Err(format!(
+                "bad session message ({n} bytes, {} fds)",
+                fds.len()
+            ));
+        }
+        let spin = Duration::from_micros(u64::from_le_bytes(b[4..12].try_into().expect("8")));
+        let mut fds = fds.into_iter();
+        let seg = Segment::open(fds.next().expect("3 fds")).map_err(s)?;
+        let app = Bell::from_eventfd(fds.next().expect("3 fds"));
+        let me = Bell::from_eventfd(fds.next().expect("3 fds"));
+        let ep = seg.into_endpoint(Side::Proxy, me, app);
+        serve(ep, &ctl, spin)?;
+    }
+}
+
+struct Out {
+    id: u64,
+    body: Vec<u8>,
+    progress: WriteProgress,
+}
+
+/// Echo until Goaway (or until the parent starts another session / goes).
+fn serve(mut ep: Endpoint, ctl: &UnixStream, spin: Duration) -> Result<(), String> {
+    let mut reasm = Reassembler::new(ep.max_message as usize);
+    let mut out: VecDeque<Out> = VecDeque::new();
+    loop {
+        let mut moved = flush_out(&mut ep.tx, &mut out)?;
+        if out.is_empty() {
+            let (n, goaway) = read_incoming(&mut ep, &mut reasm, &mut out)?;
+            if goaway {
+                ep.flush();
+                return Ok(());
+            }
+            moved |= n > 0;
+        }
+        moved |= flush_out(&mut ep.tx, &mut out)?;
+        ep.flush();
+        if moved {
+            continue;
+        }
+        // Idle: poll for `spin` (as the proxy does), then sleep on the
+        // doorbell, the control socket being the second fd.
+        let Endpoint { tx, rx, waiter, .. } = &mut ep;
+        let pending = !out.is_empty();
+        let free0 = if pending {
+            tx.free_space().map_err(s)?
+        } else {
+            0
+        };
+        let mut ready = || {
+            if pending {
+                tx.free_space().map_or(true, |f| f > free0)
+            } else {
+                rx.has_data().unwrap_or(true)
+            }
+        };
+        if !spin.is_zero() {
+            let t0 = Instant::now();
+            let mut hit = false;
+            while t0.elapsed() < spin {
+                if ready() {
+                    hit = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if hit {
+                continue;
+            }
+        }
+        match waiter
+            .wait_until(ready, None, Some(ctl.as_fd()))
+            .map_err(s)?
+        {
+            WaitOutcome::Other => return Ok(()),
+            WaitOutcome::Ready | WaitOutcome::TimedOut => {}
+        }
+    }
+}
+
+fn flush_out(tx: &mut Producer, out: &mut VecDeque<Out>) -> Result<bool, String> {
+    let ok = &ResponseMeta::OK;
+    let mut any = false;
+    while let Some(o) = out.front_mut() {
+        let before = o.progress.sent;
+        let done = write_message(
+            tx,
+            FrameKind::Response,
+            o.id,
+            ok.len(),
+            &[ok, &o.body],
+            &mut o.progress,
+        )
+        .map_err(s)?;
+        any |= o.progress.sent != before || done;
+        if !done {
+            break;
+        }
+        out.pop_front();
+    }
+    Ok(any)
+}
+
+/// Answer what the parent published: each request's body is written
+/// straight from its ring into the other (one copy), as the proxy's echo does.
+fn read_incoming(
+    ep: &mut Endpoint,
+    reasm: &mut Reassembler,
+    out: &mut VecDeque<Out>,
+) -> Result<(usize, bool), String> {
+    let ok = &ResponseMeta::OK;
+    let mut n = 0;
+    while n < 1024 {
+        let Some(f) = ep.rx.peek().map_err(s)? else {
+            break;
+        };
+        let h = *f.header();
+        let mut goaway = false;
+        if let Some(m) = reasm.feed(&h, f.payload()).map_err(s)? {
+            match m.kind {
+                FrameKind::Request => {
+                    let mut p = WriteProgress { sent: 0 };
+                    let done = out.is_empty()
+                        && write_message(
+                            &mut ep.tx,
+                            FrameKind::Response,
+                            m.stream_id,
+                            ok.len(),
+                            &[ok, m.body()],
+                            &mut p,
+                        )
+                        .map_err(s)?;
+                    if !done {
+                        out.push_back(Out {
+                            id: m.stream_id,
+                            body: m.body().to_vec(),
+                            progress: p,
+                        });
+                    }
+                }
+                FrameKind::Goaway => goaway = true,
+                k => return Err(format!("unexpected {k:?} frame")),
+            }
+        }
+        f.release();
+        n += 1;
+        if goaway {
+            return Ok((n, true));
+        }
+        if ep.rx.unpublished() >= ep.rx.capacity() / 4 {
+            ep.flush();
+        }
+        if !out.is_empty() {
+            break;
+        }
+    }
+    Ok((n, false))
+}
+
+// ---------------------------------------------------------------- parent
+
+/// Start a session with the child: a fresh memfd segment and two eventfds.
+fn open_session(ctl: &UnixStream, o: &FloorOpts) -> Result<Endpoint, String> {
+    let seg = Segment::create(&SegmentOptions {
+        app_to_proxy: o.ring,
+        proxy_to_app: o.ring,
+        max_message: DEFAULT_MAX_MESSAGE,
+        backing: Backing::Memfd,
+    })
+    .map_err(s)?;
+    let app = Bell::eventfd().map_err(s)?;
+    let child = Bell::eventfd().map_err(s)?;
+    let mut msg = MAGIC.to_vec();
+    msg.extend_from_slice(&o.server_spin_us.to_le_bytes());
+    let fds = [
+        seg.fd(),
+        app.fd().expect("eventfd bell"),
+        child.fd().expect("eventfd bell"),
+    ];
+    send_with_fds(ctl.as_fd(), &msg, &fds).map_err(|e| format!("handing over the segment: {e}"))?;
+    Ok(seg.into_endpoint(Side::App, app, child))
+}
+
+/// Whether the child is gone (its end of the control socket is readable:
+/// it never writes, so that means EOF).
+fn child_gone(ctl: &UnixStream) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(ctl.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
+/// Write one request (as many frames as it takes), waiting for room with
+/// a short backoff when the ring is full.
+fn send_message(
+    tx: &mut Producer,
+    peer: &Notifier,
+    ctl: &UnixStream,
+    id: u64,
+    meta: &[u8],
+    body: &[u8],
+) -> Result<(), String> {
+    let mut p = WriteProgress { sent: 0 };
+    let mut pause = Duration::from_micros(5);
+    loop {
+        let done = write_message(
+            tx,
+            FrameKind::Request,
+            id,
+            meta.len(),
+            &[meta, body],
+            &mut p,
+        )
+        .map_err(s)?;
+        tx.publish();
+        peer.notify();
+        if done {
+            return Ok(());
+        }
+        if child_gone(ctl) {
+            return Err("the ring-echo child went away".into());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// Read every whole response now in the ring, then hand the room back.
+fn drain(
+    rx: &mut Consumer,
+    reasm: &mut Reassembler,
+    peer: &Notifier,
+    on: &mut OnResponse<'_>,
+) -> Result<usize, String> {
+    let mut n = 0;
+    while let Some(f) = rx.peek().map_err(s)? {
+        let h = *f.header();
+        if let Some(m) = reasm.feed(&h, f.payload()).map_err(s)? {
+            if m.kind != FrameKind::Response {
+                return Err(format!("unexpected {:?} frame", m.kind));
+            }
+            on(
+                m.stream_id,
+                check_response_meta(m.meta()).map(|()| m.body()),
+            );
+            n += 1;
+        }
+        f.release();
+        if rx.unpublished() >= rx.capacity() / 4 {
+            rx.publish();
+            peer.notify();
+        }
+    }
+    if rx.publish() {
+        peer.notify();
+    }
+    Ok(n)
+}
+
+fn goodbye(tx: &mut Producer, peer: &Notifier) {
+    let _ = tx.try_push(FrameHeader::single(FrameKind::Goaway, 0, 0, 0), &[]);
+    tx.publish();
+    peer.notify();
+}
+
+/// One request at a time, on the calling thread.
+pub struct FloorConn {
+    ep: Endpoint,
+    reasm: Reassembler,
+    ctl: UnixStream,
+    meta: Vec<u8>,
+    next: u64,
+}
+
+impl FloorConn {
+    pub fn open(ctl: &UnixStream, o: &FloorOpts) -> Result<FloorConn, String> {
+        let mut ep = open_session(ctl, o)?;
+        ep.waiter.set_spin(o.client_spin);
+        Ok(FloorConn {
+            reasm: Reassembler::new(ep.max_message as usize),
+            ep,
+            ctl: ctl.try_clone().map_err(s)?,
+            meta: request_meta(),
+            next: 1,
+        })
+    }
+
+    pub fn call(&mut self, body: &[u8], resp: &mut Vec<u8>) -> Result<(), String> {
+        let id = self.next;
+        self.next += 1;
+        let Endpoint {
+            tx,
+            rx,
+            waiter,
+            peer,
+            ..
+        } = &mut self.ep;
+        send_message(tx, peer, &self.ctl, id, &self.meta, body)?;
+        loop {
+            let mut got: Option<Result<(), String>> = None;
+            drain(rx, &mut self.reasm, peer, &mut |sid, r| {
+                got = Some(match r {
+                    Ok(b) if sid == id => {
+                        resp.clear();
+                        resp.extend_from_slice(b);
+                        Ok(())
+                    }
+                    Ok(_) => Err(format!("response to stream {sid}, expected {id}")),
+                    Err(e) => Err(e),
+                });
+            })?;
+            if let Some(r) = got {
+                return r;
+            }
+            let out = waiter
+                .wait_until(
+                    || rx.has_data().unwrap_or(true),
+                    None,
+                    Some(self.ctl.as_fd()),
+                )
+                .map_err(s)?;
+            if out == WaitOutcome::Other {
+                return Err("the ring-echo child went away".into());
+            }
+        }
+    }
+}
+
+impl Drop for FloorConn {
+    fn drop(&mut self) {
+        goodbye(&mut self.ep.tx, &self.ep.peer);
+    }
+}
+
+struct FloorTx {
+    tx: Producer,
+    peer: Notifier,
+    ctl: UnixStream,
+    meta: Vec<u8>,
+}
+
+impl MuxTx for FloorTx {
+    fn send(&mut self, id: u64, body: &[u8]) -> Result<(), String> {
+        send_message(&mut self.tx, &self.peer, &self.ctl, id, &self.meta, body)
+    }
+    fn finish(&mut self) {
+        goodbye(&mut self.tx, &self.peer);
+    }
+}
+
+/// Many requests in flight: callers write, a reader thread completes them.
+pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
+    let Endpoint {
+        tx,
+        mut rx,
+        mut waiter,
+        peer,
+        max_message,
+    } = open_session(ctl, o)?;
+    waiter.set_spin(o.client_spin);
+    let closing = Arc::new(AtomicBool::new(false));
+    let ftx = FloorTx {
+        tx,
+        peer: peer.clone(),
+        ctl: ctl.try_clone().map_err(s)?,
+        meta: request_meta(),
+    };
+    let rctl = ctl.try_clone().map_err(s)?;
+    let (c2, w2) = (closing.clone(), waiter.clone());
+    MuxConn::start(
+        Box::new(ftx),
+        move |mux: Arc<Mux>| {
+            let mut reasm = Reassembler::new(max_message as usize);
+            loop {
+                if let Err(e) = drain(&mut rx, &mut reasm, &peer, &mut |sid, r| {
+                    mux.deliver(sid, r.map(<[u8]>::to_vec))
+                }) {
+                    mux.fail(e);
+                    return;
+                }
+                if closing.load(Ordering::Acquire) {
+                    return;
+                }
+                match waiter.wait_until(
+                    || closing.load(Ordering::Acquire) || rx.has_data().unwrap_or(true),
+                    None,
+                    Some(rctl.as_fd()),
+                ) {
+                    Ok(WaitOutcome::Other) => {
+                        mux.fail("the ring-echo child went away".into());
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        mux.fail(e.to_string());
+                        return;
+                    }
+                }
+            }
+        },
+        Box::new(move || {
+            c2.store(true, Ordering::Release);
+            w2.interrupt();
+        }),
+    )
+}
