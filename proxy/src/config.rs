@@ -22,6 +22,18 @@ pub struct Config {
     /// Mutual TLS between proxies (docs/SECURITY.md).
     #[serde(default)]
     pub tls: crate::tls::TlsConfig,
+    /// Admin HTTP port: metrics, liveness, readiness (docs/GOVERNANCE.md).
+    #[serde(default)]
+    pub admin: crate::gov::AdminCfg,
+    /// Per-service governance policies (docs/GOVERNANCE.md).
+    #[serde(default)]
+    pub services: BTreeMap<String, crate::gov::ServiceCfg>,
+    /// Clusters of upstream endpoints (docs/GOVERNANCE.md).
+    #[serde(default)]
+    pub clusters: BTreeMap<String, crate::gov::ClusterCfg>,
+    /// HTTP/1.1 ingress listener (docs/GOVERNANCE.md).
+    #[serde(default)]
+    pub http: crate::http::HttpCfg,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -71,6 +83,12 @@ pub struct Access {
     pub call: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub serve: BTreeMap<String, Vec<String>>,
+    /// Rules by uid or identity, enforce or dry-run (docs/GOVERNANCE.md).
+    #[serde(default)]
+    pub rules: Vec<crate::gov::AccessRuleCfg>,
+    /// Identities presented at the handshake, and the tokens that prove them.
+    #[serde(default)]
+    pub identity: crate::gov::IdentityCfg,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -104,6 +122,8 @@ pub enum UpstreamSpec {
     Local,
     /// another meshshm proxy over TCP
     Proxy(SocketAddr),
+    /// a plain HTTP/1.1 service (crate::http::HttpUpstream)
+    Http(SocketAddr),
 }
 
 impl UpstreamSpec {
@@ -111,13 +131,17 @@ impl UpstreamSpec {
         match s {
             "echo" => Ok(UpstreamSpec::Echo),
             "local" => Ok(UpstreamSpec::Local),
-            _ => match s.strip_prefix("proxy:") {
-                Some(a) => a
+            _ => match (s.strip_prefix("proxy:"), s.strip_prefix("http:")) {
+                (Some(a), _) => a
                     .parse()
                     .map(UpstreamSpec::Proxy)
                     .map_err(|e| format!("upstream {s:?}: bad address: {e}")),
-                None => Err(format!(
-                    "upstream {s:?}: expected \"echo\", \"local\" or \"proxy:HOST:PORT\""
+                (_, Some(a)) => a
+                    .parse()
+                    .map(UpstreamSpec::Http)
+                    .map_err(|e| format!("upstream {s:?}: bad address: {e}")),
+                _ => Err(format!(
+                    "upstream {s:?}: expected \"echo\", \"local\", \"proxy:HOST:PORT\" or \"http:HOST:PORT\""
                 )),
             },
         }
@@ -181,6 +205,7 @@ impl Config {
         }
         self.socket_owner()?;
         self.tls.check()?;
+        crate::gov::check(self)?;
         Ok(())
     }
 

@@ -7,7 +7,11 @@ use meshshm_proto::{status, RequestMeta};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use crate::router::{call_upstream, Resp, Route, Router};
+use std::sync::Arc;
+
+use crate::gov::{Decision, Peer};
+use crate::router::Resp;
+use crate::Shared;
 
 /// How a request will be answered.
 pub enum Outcome {
@@ -43,10 +47,11 @@ pub fn complete(inflight: &mut InFlight, stream_id: u64, task: tokio::task::Id) 
     }
 }
 
-/// Route one request. `uid` is the peer's (`None` over TCP), for the access rules.
+/// Route one request: the `[access.call]` uid rules, then governance
+/// (access rules, attribute routing, overload; crate::gov), then the route.
 pub fn handle_request(
-    router: &Router,
-    uid: Option<u32>,
+    sh: &Arc<Shared>,
+    peer: &Peer,
     stream_id: u64,
     meta: &[u8],
     body: &[u8],
@@ -65,34 +70,41 @@ pub fn handle_request(
             ))
         }
     };
-    if !router.may_call(uid, m.service) {
+    let uid = peer.uid;
+    let decision = if !sh.router.may_call(uid, m.service) {
         tracing::debug!(
             ?uid,
             service = m.service,
             "call refused by the access rules"
         );
-        return Outcome::Reply(Resp::error(
+        let r = Resp::error(
             status::PERMISSION_DENIED,
             &format!(
                 "{} may not call service {:?}",
                 uid.map_or("a TCP peer".to_owned(), |u| format!("uid {u}")),
                 m.service
             ),
-        ));
-    }
-    let deadline =
-        (m.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(m.timeout_ms as u64));
-    match router.route(m.service) {
-        Route::Echo => Outcome::Echo,
-        Route::NotFound => Outcome::Reply(Resp::error(
+        );
+        return Outcome::Reply(r);
+    } else {
+        sh.gov
+            .decide(&sh.router, peer, m.service, m.method, m.priority, m.headers)
+    };
+    match decision {
+        Decision::Echo => Outcome::Echo,
+        Decision::Reply(r) => Outcome::Reply(r),
+        Decision::NotFound => Outcome::Reply(Resp::error(
             status::NOT_FOUND,
             &format!("no route for service {:?}", m.service),
         )),
-        route => {
+        Decision::Forward(job) => {
+            let deadline = (m.timeout_ms > 0)
+                .then(|| Instant::now() + Duration::from_millis(m.timeout_ms as u64));
             let done = done.clone();
             let (meta, body) = (meta.to_vec(), body.to_vec());
+            let sh = sh.clone();
             let h = tokio::spawn(async move {
-                let r = call_upstream(route, meta, body, deadline).await;
+                let r = job.run(sh, meta, body, deadline).await;
                 let _ = done.send((stream_id, tokio::task::id(), r));
             });
             inflight.insert(stream_id, h.abort_handle());

@@ -105,6 +105,9 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
         ),
         None => None,
     };
+    // The admin port (metrics, /live, /ready): up before the ready line.
+    crate::admin::spawn(sh.clone()).await;
+    crate::http::spawn(sh.clone()).await;
     tracing::info!(
         socket = %path.display(),
         tcp = ?tcp.as_ref().and_then(|t| t.local_addr().ok()),

@@ -8,10 +8,15 @@ use std::sync::Arc;
 
 use clap::Parser;
 
+mod admin;
 mod certs;
 mod config;
 mod dispatch;
+mod gov;
+mod http;
 mod listen;
+mod metrics;
+mod reload;
 mod router;
 mod shm;
 mod tcp;
@@ -24,6 +29,8 @@ pub struct Shared {
     pub cfg: Config,
     pub router: router::Router,
     pub tls: Arc<tls::Tls>,
+    /// Governance: policies, access rules, clusters, metrics (reloadable).
+    pub gov: gov::Governor,
 }
 
 /// meshshm sidecar proxy: serves services over shared memory and loopback TCP.
@@ -56,6 +63,12 @@ struct Args {
     /// Segment backing: "memfd" or a tmpfs directory (overrides shm.backing).
     #[arg(long)]
     backing: Option<String>,
+    /// Admin HTTP address (metrics, /live, /ready), or "off" (overrides admin.listen).
+    #[arg(long)]
+    admin: Option<String>,
+    /// HTTP/1.1 ingress address, or "off" (overrides http.listen).
+    #[arg(long)]
+    http: Option<String>,
 }
 
 fn load(args: &Args) -> Result<Config, String> {
@@ -82,6 +95,12 @@ fn load(args: &Args) -> Result<Config, String> {
     }
     if let Some(b) = &args.backing {
         cfg.shm.backing = b.clone();
+    }
+    if let Some(a) = &args.admin {
+        cfg.admin.listen = if a == "off" { String::new() } else { a.clone() };
+    }
+    if let Some(a) = &args.http {
+        cfg.http.listen = if a == "off" { String::new() } else { a.clone() };
     }
     cfg.check()?;
     Ok(cfg)
@@ -135,10 +154,18 @@ fn main() -> ExitCode {
     };
     let shared = Arc::new(Shared {
         router: router::Router::new(&cfg, &tls),
+        gov: gov::Governor::new(&cfg, &tls),
         cfg,
         tls: tls.clone(),
     });
     rt.spawn(tls.watch());
+    let cfg_path = args.config.clone();
+    let args = Arc::new(args);
+    rt.spawn(reload::run(
+        shared.clone(),
+        cfg_path,
+        Box::new(move || load(&args)),
+    ));
     match rt.block_on(listen::run(shared)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

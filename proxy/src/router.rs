@@ -57,6 +57,8 @@ pub enum Route {
     Echo,
     Local(LocalTx),
     Proxy(Arc<RemotePool>),
+    /// A plain HTTP/1.1 service.
+    Http(Arc<crate::http::HttpUpstream>),
     NotFound,
 }
 
@@ -111,9 +113,16 @@ impl Rules {
     }
 }
 
-pub struct Router {
+/// The reloadable part of the router: routes and their upstream pools.
+struct Table {
     routes: HashMap<String, UpstreamSpec>,
     pools: HashMap<SocketAddr, Arc<RemotePool>>,
+    https: HashMap<SocketAddr, Arc<crate::http::HttpUpstream>>,
+}
+
+pub struct Router {
+    /// Swapped whole on a config reload (crate::reload).
+    table: arc_swap::ArcSwap<Table>,
     locals: Mutex<HashMap<String, Vec<LocalEntry>>>,
     rr: AtomicUsize,
     max_message: usize,
@@ -123,30 +132,60 @@ pub struct Router {
 
 impl Router {
     pub fn new(cfg: &Config, tls: &Arc<crate::tls::Tls>) -> Router {
-        let mut routes = HashMap::new();
-        let mut pools = HashMap::new();
-        for (svc, up) in &cfg.routes {
-            let spec = UpstreamSpec::parse(up).expect("checked when the config was parsed");
-            if let UpstreamSpec::Proxy(addr) = spec {
-                pools.entry(addr).or_insert_with(|| {
-                    Arc::new(RemotePool::new(
-                        2,
-                        cfg.shm.max_message as usize,
-                        tls.upstream(addr),
-                    ))
-                });
-            }
-            routes.insert(svc.clone(), spec);
-        }
         Router {
-            routes,
-            pools,
+            table: arc_swap::ArcSwap::from_pointee(Self::table(cfg, tls, None)),
             locals: Mutex::new(HashMap::new()),
             rr: AtomicUsize::new(0),
             max_message: cfg.shm.max_message as usize,
             may_call: Rules::new(&cfg.access.call),
             may_serve: Rules::new(&cfg.access.serve),
         }
+    }
+
+    /// Build the route table; pools to addresses `old` has are kept (with
+    /// their connections).
+    fn table(cfg: &Config, tls: &Arc<crate::tls::Tls>, old: Option<&Table>) -> Table {
+        let mut routes = HashMap::new();
+        let mut pools = HashMap::new();
+        let mut https = HashMap::new();
+        for (svc, up) in &cfg.routes {
+            let spec = UpstreamSpec::parse(up).expect("checked when the config was parsed");
+            if let UpstreamSpec::Proxy(addr) = spec {
+                pools.entry(addr).or_insert_with(|| {
+                    old.and_then(|t| t.pools.get(&addr).cloned())
+                        .unwrap_or_else(|| {
+                            Arc::new(RemotePool::new(
+                                2,
+                                cfg.shm.max_message as usize,
+                                tls.upstream(addr),
+                            ))
+                        })
+                });
+            }
+            if let UpstreamSpec::Http(addr) = spec {
+                https.entry(addr).or_insert_with(|| {
+                    old.and_then(|t| t.https.get(&addr).cloned())
+                        .unwrap_or_else(|| {
+                            Arc::new(crate::http::HttpUpstream::new(
+                                addr,
+                                cfg.shm.max_message as usize,
+                            ))
+                        })
+                });
+            }
+            routes.insert(svc.clone(), spec);
+        }
+        Table {
+            routes,
+            pools,
+            https,
+        }
+    }
+
+    /// Swap in the routes of a new (checked) configuration.
+    pub fn reload_routes(&self, cfg: &Config, tls: &Arc<crate::tls::Tls>) {
+        let next = Self::table(cfg, tls, Some(&self.table.load()));
+        self.table.store(Arc::new(next));
     }
 
     /// Whether a peer with `uid` (`None`: a TCP peer) may call `service`.
@@ -166,9 +205,11 @@ impl Router {
     /// Where requests for `service` go now. A service without a route goes
     /// to a server app that registered it, if any.
     pub fn route(&self, service: &str) -> Route {
-        match self.routes.get(service) {
+        let t = self.table.load();
+        match t.routes.get(service) {
             Some(UpstreamSpec::Echo) => Route::Echo,
-            Some(UpstreamSpec::Proxy(a)) => Route::Proxy(self.pools[a].clone()),
+            Some(UpstreamSpec::Proxy(a)) => Route::Proxy(t.pools[a].clone()),
+            Some(UpstreamSpec::Http(a)) => Route::Http(t.https[a].clone()),
             Some(UpstreamSpec::Local) | None => {
                 let locals = self.locals.lock().unwrap_or_else(|p| p.into_inner());
                 match locals.get(service).filter(|v| !v.is_empty()) {
@@ -237,6 +278,7 @@ pub async fn call_upstream(
                 r.unwrap_or_else(|_| Resp::error(status::UNAVAILABLE, "the server app went away"))
             }
             Route::Proxy(pool) => pool.call(meta, body).await,
+            Route::Http(h) => h.call(meta, body).await,
             Route::Echo | Route::NotFound => {
                 Resp::error(status::INTERNAL, "not a forwarding route")
             }

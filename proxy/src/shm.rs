@@ -68,6 +68,15 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
         reject(&s, &reason).await;
         return;
     }
+    // Tokens (access.identity.tokens) prove the identity the Hello names.
+    let peer = match sh.gov.peer_shm(cred.uid, &hello.service, &hello.token) {
+        Ok(p) => p,
+        Err(reason) => {
+            tracing::warn!(session = id, pid = cred.pid, uid = cred.uid, %reason, "access refused");
+            reject(&s, &reason).await;
+            return;
+        }
+    };
     // A server is routable before its Welcome goes out: once `bind`
     // returns in the app, calls to its service reach it.
     let fwd_rx = (hello.role == Role::Server && !hello.service.is_empty()).then(|| {
@@ -93,7 +102,7 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
         role = ?hello.role, service = %hello.service,
         "shm session up"
     );
-    let reason = Session::new(sh.clone(), ep, s, id, cred, &hello, fwd_rx)
+    let reason = Session::new(sh.clone(), ep, s, id, cred, &hello, fwd_rx, peer)
         .run(shutdown)
         .await;
     tracing::info!(session = id, pid = cred.pid, uid = cred.uid, gid = cred.gid, %reason, "shm session closed");
@@ -207,6 +216,8 @@ struct Session {
     bell: AsyncFd<std::os::fd::OwnedFd>,
     id: u64,
     cred: PeerCred,
+    /// Who the app is, for governance (uid, verified identity).
+    peer: crate::gov::Peer,
     role: Role,
     service: String,
     reasm: Reassembler,
@@ -228,6 +239,7 @@ struct Session {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         sh: Arc<Shared>,
         ep: Endpoint,
@@ -236,6 +248,7 @@ impl Session {
         cred: PeerCred,
         h: &Hello,
         fwd: Option<(mpsc::Receiver<Forward>, mpsc::UnboundedReceiver<u64>)>,
+        peer: crate::gov::Peer,
     ) -> Session {
         let bell_fd = ep
             .waiter
@@ -259,6 +272,7 @@ impl Session {
             bell,
             id,
             cred,
+            peer,
             role: h.role,
             service: h.service.clone(),
             reasm: Reassembler::new(max),
@@ -359,8 +373,8 @@ impl Session {
                     self.meta_buf.clear();
                     self.meta_buf.extend_from_slice(m.meta());
                     match handle_request(
-                        &self.sh.router,
-                        Some(self.cred.uid),
+                        &self.sh,
+                        &self.peer,
                         m.stream_id,
                         &self.meta_buf,
                         m.body(),
@@ -580,6 +594,7 @@ impl Session {
                     if let Ok(mut g) = g {
                         self.ep.waiter.drain();
                         g.clear_ready();
+                        self.sh.gov.metrics.doorbell_wakeups.inc();
                     }
                 }
                 Some((sid, task, r)) = self.done_rx.recv() => {

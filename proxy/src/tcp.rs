@@ -40,6 +40,11 @@ pub async fn serve<S>(
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut draining = false;
+    let who = sh.gov.peer(
+        None,
+        identity.as_deref().map(|i| i.name().to_owned()),
+        crate::gov::Transport::Tcp,
+    );
     let reason: String = 'session: loop {
         let paused = inflight.len() >= sh.cfg.shm.max_in_flight;
         tokio::select! {
@@ -92,8 +97,8 @@ pub async fn serve<S>(
                     let outcome = match sh.tls.check_call(identity.as_deref(), m.meta()) {
                         Some(denied) => Outcome::Reply(denied),
                         None => handle_request(
-                            &sh.router,
-                            None,
+                            &sh,
+                            &who,
                             m.stream_id,
                             m.meta(),
                             m.body(),

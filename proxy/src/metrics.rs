@@ -1,0 +1,262 @@
+//! Prometheus metrics (`prometheus-client`, one explicit registry).
+//!
+//! The request path never looks a label set up: each service gets its
+//! handles (plain `Arc` atomics) once, when it is first seen, and status,
+//! shed and denial counters are resolved on their first use and cached in a
+//! `OnceLock`. Latency histograms are lock-free (atomic buckets), unlike the
+//! crate's own `Histogram`, which takes a lock per observation.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+/// A label set: (name, value) pairs.
+pub type L = Vec<(&'static str, String)>;
+
+/// Histogram bucket upper bounds, in µs (the last bucket is +Inf).
+const BOUNDS_US: [u64; 14] = [
+    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 100_000, 1_000_000,
+];
+
+/// A lock-free latency histogram (seconds).
+#[derive(Clone, Default, Debug)]
+pub struct Hist(Arc<HistInner>);
+
+#[derive(Default, Debug)]
+struct HistInner {
+    buckets: [AtomicU64; BOUNDS_US.len() + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Hist {
+    pub fn observe(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = BOUNDS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(BOUNDS_US.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_ns
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for Hist {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Hist {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut cum = 0;
+        let mut b = Vec::with_capacity(BOUNDS_US.len() + 1);
+        for (i, c) in self.0.buckets.iter().enumerate() {
+            cum += c.load(Ordering::Relaxed);
+            let le = BOUNDS_US.get(i).map_or(f64::MAX, |&u| u as f64 / 1e6);
+            b.push((le, cum));
+        }
+        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, cum, &b, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Every metric family of the proxy.
+pub struct Metrics {
+    pub registry: Mutex<Registry>,
+    pub requests: Family<L, Counter>,
+    pub responses: Family<L, Counter>,
+    pub latency: Family<L, Hist>,
+    pub in_flight: Family<L, Gauge>,
+    pub shed: Family<L, Counter>,
+    pub expired: Family<L, Counter>,
+    pub denied: Family<L, Counter>,
+    pub token_failures: Family<L, Counter>,
+    pub retries: Family<L, Counter>,
+    pub rollout: Family<L, Counter>,
+    pub endpoint_requests: Family<L, Counter>,
+    pub endpoint_weight: Family<L, Gauge<f64, AtomicU64>>,
+    pub endpoint_ejections: Family<L, Counter>,
+    pub sessions: Family<L, Gauge>,
+    pub sessions_total: Family<L, Counter>,
+    pub reloads: Family<L, Counter>,
+    pub cpu_seconds: Gauge<f64, AtomicU64>,
+    pub rss_bytes: Gauge,
+    /// The proxy's shm sessions woken by their doorbell (after sleeping).
+    pub doorbell_wakeups: Counter,
+    pub host_cpu: Gauge<f64, AtomicU64>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::default()),
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::default(),
+            in_flight: Family::default(),
+            shed: Family::default(),
+            expired: Family::default(),
+            denied: Family::default(),
+            token_failures: Family::default(),
+            retries: Family::default(),
+            rollout: Family::default(),
+            endpoint_requests: Family::default(),
+            endpoint_weight: Family::default(),
+            endpoint_ejections: Family::default(),
+            sessions: Family::default(),
+            sessions_total: Family::default(),
+            reloads: Family::default(),
+            cpu_seconds: Gauge::default(),
+            rss_bytes: Gauge::default(),
+            doorbell_wakeups: Counter::default(),
+            host_cpu: Gauge::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
+            let p = r.sub_registry_with_prefix("meshshm");
+            p.register(
+                "requests",
+                "Requests received, by service and transport",
+                m.requests.clone(),
+            );
+            p.register(
+                "responses",
+                "Responses sent, by service, transport and status",
+                m.responses.clone(),
+            );
+            p.register(
+                "request_duration_seconds",
+                "Time from request to response for forwarded requests",
+                m.latency.clone(),
+            );
+            p.register(
+                "in_flight",
+                "Forwarded requests in flight (queued or at the upstream)",
+                m.in_flight.clone(),
+            );
+            p.register(
+                "shed",
+                "Requests refused by overload protection, by priority",
+                m.shed.clone(),
+            );
+            p.register(
+                "expired",
+                "Requests dropped unserved from the queue (reason=deadline|cancelled)",
+                m.expired.clone(),
+            );
+            p.register(
+                "access_denied",
+                "Calls the access rules deny (mode=enforce: refused; mode=dry-run: allowed)",
+                m.denied.clone(),
+            );
+            p.register(
+                "token_failures",
+                "Handshakes with a missing or invalid token (action=deny|degraded)",
+                m.token_failures.clone(),
+            );
+            p.register("retries", "Retried upstream tries", m.retries.clone());
+            p.register(
+                "attribute_routes",
+                "Requests matched by attribute routes (dry_run=true: not applied)",
+                m.rollout.clone(),
+            );
+            p.register(
+                "endpoint_requests",
+                "Tries sent to each cluster endpoint",
+                m.endpoint_requests.clone(),
+            );
+            p.register(
+                "endpoint_weight",
+                "Effective weight of each cluster endpoint",
+                m.endpoint_weight.clone(),
+            );
+            p.register(
+                "endpoint_ejections",
+                "Outlier ejections of cluster endpoints",
+                m.endpoint_ejections.clone(),
+            );
+            p.register(
+                "sessions",
+                "Sessions open, by transport",
+                m.sessions.clone(),
+            );
+            p.register(
+                "sessions_opened",
+                "Sessions opened, by transport",
+                m.sessions_total.clone(),
+            );
+            p.register(
+                "config_reloads",
+                "Configuration reloads, by result",
+                m.reloads.clone(),
+            );
+            p.register(
+                "doorbell_wakeups",
+                "Shm sessions of the proxy woken from sleep by their doorbell \
+                 (divide by requests for wake-ups per request)",
+                m.doorbell_wakeups.clone(),
+            );
+            p.register(
+                "host_cpu_ratio",
+                "Host CPU use (0..1) over the last second",
+                m.host_cpu.clone(),
+            );
+            let proc = r.sub_registry_with_prefix("process");
+            proc.register(
+                "cpu_seconds",
+                "User and system CPU time of the proxy",
+                m.cpu_seconds.clone(),
+            );
+            proc.register(
+                "resident_memory_bytes",
+                "Resident set size of the proxy",
+                m.rss_bytes.clone(),
+            );
+        }
+        m
+    }
+
+    /// Render the registry in the text exposition format, after reading the
+    /// process figures from /proc/self.
+    pub fn render(&self) -> String {
+        if let Ok(s) = std::fs::read_to_string("/proc/self/stat") {
+            if let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // fields 14, 15 (utime, stime) and 24 (rss pages), 1-based in
+                // proc(5); `rest` starts at field 3.
+                let tick = 100.0; // USER_HZ on Linux
+                let ut = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                let st = f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                self.cpu_seconds.set((ut + st) / tick);
+                let rss = f.get(21).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+                self.rss_bytes.set(rss * 4096);
+            }
+        }
+        let mut out = String::new();
+        let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        out
+    }
+}
+
+/// A counter resolved on first use.
+pub struct Lazy(OnceLock<Counter>);
+
+impl Lazy {
+    pub const fn new() -> Lazy {
+        Lazy(OnceLock::new())
+    }
+    pub fn get(&self, f: &Family<L, Counter>, labels: impl FnOnce() -> L) -> &Counter {
+        self.0.get_or_init(|| f.get_or_create(&labels()).clone())
+    }
+}
