@@ -83,6 +83,10 @@ fi
 export PKG_CONFIG_PATH="$prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 export LD_LIBRARY_PATH="$prefix/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export MESHSHM_LIB="$prefix/lib"
+# Go's build cache keys cgo packages on the CGO_* variables, not on what
+# pkg-config prints: without these, a cached test binary from an earlier run
+# links against that run's (deleted) prefix.
+export CGO_CFLAGS="-I$prefix/include" CGO_LDFLAGS="-L$prefix/lib"
 
 shm_before=$(ls /dev/shm 2>/dev/null | sort)
 
@@ -143,7 +147,7 @@ suite_java() {
 
 suite_go() {
     (cd "$here/bindings/go" && go vet ./... && timeout 600 go test -count=1 -v ./... 2>&1 \
-        | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go' ; exit "${PIPESTATUS[0]}")
+        | grep -E '^(=== RUN|--- |PASS|FAIL|ok|panic)|_test.go|error|cannot|undefined' ; exit "${PIPESTATUS[0]}")
 }
 
 passed=0

@@ -269,12 +269,28 @@ pub fn svg(recs: &[Record], rate: f64) -> String {
             }),
         },
     ];
-    if recs.iter().any(|r| r.mode == "open") {
+    let open_sizes: Vec<usize> = sizes
+        .iter()
+        .copied()
+        .filter(|&z| {
+            recs.iter()
+                .any(|r| r.mode == "open" && r.size == z && r.concurrency == 1)
+        })
+        .collect();
+    if !open_sizes.is_empty() {
         panels.push(Panel {
             title: format!("Open loop at {rate} req/s, 1 in flight: p50 (bar), p99, p99.9"),
             ylabel: "µs (log)".into(),
-            groups: size_labels,
-            bars: by_size("open", &lat),
+            groups: open_sizes.iter().map(|&z| fmt_size(z)).collect(),
+            bars: open_sizes
+                .iter()
+                .map(|&z| {
+                    series
+                        .iter()
+                        .map(|t| find(t, "open", z, 1).map(lat))
+                        .collect()
+                })
+                .collect(),
         });
     }
     let cols = 2.0;
