@@ -86,8 +86,10 @@ fn child(connect: &Path) -> Result<(), String> {
         let seg = Segment::open(fds.next().expect("3 fds")).map_err(s)?;
         let app = Bell::from_eventfd(fds.next().expect("3 fds"));
         let me = Bell::from_eventfd(fds.next().expect("3 fds"));
-        let ep = seg.into_endpoint(Side::Proxy, me, app);
-        serve(ep, &ctl, spin)?;
+        let mut ep = seg.into_endpoint(Side::Proxy, me, app);
+        // Wait as the shim does: eventfd edge-triggered with the control socket.
+        ep.waiter.watch(ctl.as_fd()).map_err(s)?;
+        serve(ep, spin)?;
     }
 }
 
@@ -98,7 +100,7 @@ struct Out {
 }
 
 /// Echo until Goaway (or until the parent starts another session / goes).
-fn serve(mut ep: Endpoint, ctl: &UnixStream, spin: Duration) -> Result<(), String> {
+fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
     let mut reasm = Reassembler::new(ep.max_message as usize);
     let mut out: VecDeque<Out> = VecDeque::new();
     loop {
@@ -146,10 +148,7 @@ fn serve(mut ep: Endpoint, ctl: &UnixStream, spin: Duration) -> Result<(), Strin
                 continue;
             }
         }
-        match waiter
-            .wait_until(ready, None, Some(ctl.as_fd()))
-            .map_err(s)?
-        {
+        match waiter.wait_until(ready, None, None).map_err(s)? {
             WaitOutcome::Other => return Ok(()),
             WaitOutcome::Ready | WaitOutcome::TimedOut => {}
         }
@@ -353,10 +352,12 @@ impl FloorConn {
     pub fn open(ctl: &UnixStream, o: &FloorOpts) -> Result<FloorConn, String> {
         let mut ep = open_session(ctl, o)?;
         ep.waiter.set_spin(o.client_spin);
+        let ctl = ctl.try_clone().map_err(s)?;
+        ep.waiter.watch(ctl.as_fd()).map_err(s)?;
         Ok(FloorConn {
             reasm: Reassembler::new(ep.max_message as usize),
             ep,
-            ctl: ctl.try_clone().map_err(s)?,
+            ctl,
             meta: request_meta(),
             next: 1,
         })
@@ -390,11 +391,7 @@ impl FloorConn {
                 return r;
             }
             let out = waiter
-                .wait_until(
-                    || rx.has_data().unwrap_or(true),
-                    None,
-                    Some(self.ctl.as_fd()),
-                )
+                .wait_until(|| rx.has_data().unwrap_or(true), None, None)
                 .map_err(s)?;
             if out == WaitOutcome::Other {
                 return Err("the ring-echo child went away".into());
@@ -443,6 +440,7 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
         meta: request_meta(),
     };
     let rctl = ctl.try_clone().map_err(s)?;
+    waiter.watch(rctl.as_fd()).map_err(s)?;
     let (c2, w2) = (closing.clone(), waiter.clone());
     MuxConn::start(
         Box::new(ftx),
@@ -461,7 +459,7 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
                 match waiter.wait_until(
                     || closing.load(Ordering::Acquire) || rx.has_data().unwrap_or(true),
                     None,
-                    Some(rctl.as_fd()),
+                    None,
                 ) {
                     Ok(WaitOutcome::Other) => {
                         mux.fail("the ring-echo child went away".into());

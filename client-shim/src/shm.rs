@@ -13,7 +13,6 @@ use meshshm_ring::{
     write_message, Bell, Consumer, Endpoint, FrameKind, Message, Notifier, Producer, Reassembler,
     Segment, Side, WaitOutcome, Waiter, WriteProgress,
 };
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::conn::{check_size, try_lock};
 use crate::error::{Error, Result};
@@ -29,10 +28,6 @@ pub(crate) struct ShmLink {
     pub(crate) welcome: Welcome,
     /// Set (for good) by [`ShmLink::interrupt`]: waits return at once.
     interrupted: std::sync::atomic::AtomicBool,
-    /// The doorbell eventfd, registered edge-triggered (each ring of the
-    /// bell is a new edge, so the counter is never read: no drain syscall),
-    /// and the control socket (level-triggered: its EOF is the proxy's death).
-    ep: Epoll,
 }
 
 pub(crate) struct RxState {
@@ -108,22 +103,13 @@ impl ShmLink {
         waiter.set_spin(o.spin);
         ctl.set_read_timeout(None)
             .map_err(|e| Error::connect(&target, e))?;
-        let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
-            .and_then(|ep| {
-                let bell = waiter
-                    .bell()
-                    .fd()
-                    .expect("the proxy passes an eventfd bell");
-                ep.add(
-                    bell,
-                    EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLET, 0),
-                )?;
-                ep.add(&ctl, EpollEvent::new(EpollFlags::EPOLLIN, 1))?;
-                Ok(ep)
-            })
+        // The waiter blocks in an epoll set: the doorbell edge-triggered
+        // (no read to drain it per wake-up) and the control socket, whose
+        // EOF is the proxy's death.
+        waiter
+            .watch(ctl.as_fd())
             .map_err(|e| Error::connect(&target, e))?;
         Ok(ShmLink {
-            ep,
             ctl,
             tx: Mutex::new(tx),
             rx: Mutex::new(RxState {
@@ -237,56 +223,20 @@ impl ShmLink {
     /// Wait until the ring has data, the deadline passes, or the proxy dies.
     pub(crate) fn wait(&self, rx: &mut RxState, deadline: Option<Instant>) -> Result<WaitOutcome> {
         use std::sync::atomic::Ordering::Acquire;
-        let w = &self.waiter;
-        let mut ready = || rx.consumer.has_data().unwrap_or(true) || self.interrupted.load(Acquire);
-        for _ in 0..w.spin() {
-            if ready() {
-                return Ok(WaitOutcome::Ready);
-            }
-            std::hint::spin_loop();
+        let out = self
+            .waiter
+            .wait_until(
+                || rx.consumer.has_data().unwrap_or(true) || self.interrupted.load(Acquire),
+                deadline,
+                None,
+            )
+            .map_err(|e| Error::ProxyGone(format!("waiting for the proxy: {e}")))?;
+        if out == WaitOutcome::Other {
+            return Err(Error::ProxyGone(
+                "the proxy closed the control socket".into(),
+            ));
         }
-        loop {
-            if ready() {
-                return Ok(WaitOutcome::Ready);
-            }
-            // Announce, re-check, sleep: see meshshm_ring::Waiter.
-            w.announce_sleep();
-            if ready() {
-                w.cancel_sleep();
-                return Ok(WaitOutcome::Ready);
-            }
-            let timeout = match deadline {
-                None => EpollTimeout::NONE,
-                Some(d) => match d.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => {
-                        EpollTimeout::try_from(left.as_millis().clamp(1, i32::MAX as u128) as i32)
-                            .unwrap_or(EpollTimeout::MAX)
-                    }
-                    _ => {
-                        w.cancel_sleep();
-                        return Ok(WaitOutcome::TimedOut);
-                    }
-                },
-            };
-            let mut ev = [EpollEvent::empty(); 2];
-            let n = match self.ep.wait(&mut ev, timeout) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => 0,
-                Err(e) => {
-                    w.cancel_sleep();
-                    return Err(Error::ProxyGone(format!("waiting for the proxy: {e}")));
-                }
-            };
-            w.cancel_sleep();
-            if ev[..n].iter().any(|e| e.data() == 1) && !ready() {
-                return Err(Error::ProxyGone(
-                    "the proxy closed the control socket".into(),
-                ));
-            }
-            if deadline.is_some_and(|d| Instant::now() >= d) && !ready() {
-                return Ok(WaitOutcome::TimedOut);
-            }
-        }
+        Ok(out)
     }
 
     /// Wake a thread blocked in [`ShmLink::wait`], and make every later

@@ -145,6 +145,9 @@ pub struct Waiter {
     cell: CellRef,
     bell: Bell,
     spin: u32,
+    /// Set by [`Waiter::watch`]: an epoll set with the eventfd (edge-triggered)
+    /// and the watched fd.
+    epoll: Option<Arc<OwnedFd>>,
 }
 
 /// The waking side's half of a doorbell.
@@ -167,6 +170,7 @@ pub fn heap_doorbell(bell: Bell, spin: u32) -> (Waiter, Notifier) {
             cell: r.clone(),
             bell: bell.clone(),
             spin,
+            epoll: None,
         },
         Notifier { cell: r, bell },
     )
@@ -186,6 +190,7 @@ pub(crate) fn pair_on(
             cell: r.clone(),
             bell: bell.clone(),
             spin: 0,
+            epoll: None,
         },
         Notifier { cell: r, bell },
     )
@@ -195,6 +200,46 @@ impl Waiter {
     /// Set how many times [`Waiter::wait_until`] polls before it sleeps (0 = never spin).
     pub fn set_spin(&mut self, spin: u32) {
         self.spin = spin;
+    }
+
+    /// From now on, block in an epoll set holding the eventfd bell
+    /// edge-triggered (so a wake-up costs no read to drain it) and `fd`
+    /// level-triggered: `fd` readable ends a wait with [`WaitOutcome::Other`]
+    /// (the control socket: its EOF is the peer's death). After this, pass
+    /// `None` as the `extra` fd of [`Waiter::block`]/[`Waiter::wait_until`].
+    ///
+    /// # Errors
+    /// For a futex bell, or when epoll refuses.
+    pub fn watch(&mut self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let Bell::EventFd(bell) = &self.bell else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "only an eventfd bell can share an epoll set",
+            ));
+        };
+        // SAFETY: no memory preconditions; the result is checked.
+        let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if ep < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: ep is a fresh descriptor that nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        for (f, events, data) in [
+            (bell.as_raw_fd(), libc::EPOLLIN | libc::EPOLLET, 0u64),
+            (fd.as_raw_fd(), libc::EPOLLIN, 1u64),
+        ] {
+            let mut ev = libc::epoll_event {
+                events: events as u32,
+                u64: data,
+            };
+            // SAFETY: ep and f are open descriptors; ev is a valid event
+            // the kernel copies during the call.
+            if unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, f, &mut ev) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.epoll = Some(Arc::new(ep));
+        Ok(())
     }
 
     /// The spin budget.
@@ -271,6 +316,31 @@ impl Waiter {
             None => None,
         };
         match &self.bell {
+            Bell::EventFd(_) if self.epoll.is_some() => {
+                if extra.is_some() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "this waiter watches its fd through watch(); pass no extra fd",
+                    ));
+                }
+                let ep = self.epoll.as_ref().expect("checked").as_raw_fd();
+                let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 2];
+                let ms = timeout.map_or(-1, |t| t.as_millis().clamp(1, i32::MAX as u128) as i32);
+                // SAFETY: evs is a valid array of 2 events for the kernel to fill.
+                let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 2, ms) };
+                if n < 0 {
+                    let e = io::Error::last_os_error();
+                    return if e.kind() == io::ErrorKind::Interrupted {
+                        Ok(WaitOutcome::Ready)
+                    } else {
+                        Err(e)
+                    };
+                }
+                if evs[..n as usize].iter().any(|e| e.u64 == 1) {
+                    return Ok(WaitOutcome::Other);
+                }
+                Ok(WaitOutcome::Ready)
+            }
             Bell::EventFd(fd) => {
                 let r = poll2(fd.as_raw_fd(), extra.map(|e| e.as_raw_fd()), timeout)?;
                 if r.1 {
