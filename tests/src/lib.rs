@@ -181,6 +181,40 @@ impl Drop for Proxy {
     }
 }
 
+/// A child process killed and reaped on drop.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proxy {
+    /// Start `meshshm serve SERVICE ARGS...` (a server app in another
+    /// process) against this proxy and wait until calls to it are answered.
+    pub fn serve_cli(&self, service: &str, args: &[&str]) -> KillOnDrop {
+        let child = Command::new(bin("meshshm"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(["serve", service])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start meshshm serve");
+        let guard = KillOnDrop(child);
+        let c = self.client();
+        let t = Duration::from_secs(10);
+        assert!(
+            eventually(t, || c.call(service, "probe", b"", t).is_ok()),
+            "server for {service} never answered"
+        );
+        guard
+    }
+}
+
 /// Send a signal (via the `kill` command, keeping this crate free of unsafe).
 pub fn signal(pid: i32, sig: i32) {
     let _ = Command::new("kill")

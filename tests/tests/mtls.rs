@@ -4,13 +4,13 @@
 //! directories.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshshm::{status, Client, Error};
-use meshshm_tests::{bin, eventually, Proxy, ProxyOpts, TempDir};
+use meshshm_tests::{bin, eventually, KillOnDrop, Proxy, ProxyOpts, TempDir};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -90,31 +90,9 @@ fn wait_counter(p: &Proxy, name: &str, at_least: u64) {
     );
 }
 
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `meshshm serve SERVICE -- tr a-z A-Z` attached to `p`, answering.
 fn upper_server(p: &Proxy, service: &str) -> KillOnDrop {
-    let child = Command::new(bin("meshshm"))
-        .arg("--socket")
-        .arg(&p.socket)
-        .args(["serve", service, "--", "tr", "a-z", "A-Z"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(child);
-    let c = p.client();
-    assert!(
-        eventually(T, || c.call(service, "probe", b"", T).is_ok()),
-        "server for {service} never answered"
-    );
-    guard
+    p.serve_cli(service, &["--", "tr", "a-z", "A-Z"])
 }
 
 fn expect_status(r: Result<Vec<u8>, Error>, code: u32, needle: &str) -> String {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshshm::{Call, Client, ClientOptions, Error, Server, Transport};
-use meshshm_tests::{bin, body, eventually, fnv, shm_leftovers_of, Proxy, ProxyOpts};
+use meshshm_tests::{bin, body, eventually, fnv, shm_leftovers_of, KillOnDrop, Proxy, ProxyOpts};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -178,33 +178,8 @@ fn tokio_rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Start `meshshm serve SERVICE -- CMD...` against a proxy and wait until
-/// the proxy routes to it.
 fn serve(p: &Proxy, service: &str, cmd: &[&str]) -> KillOnDrop {
-    let child = Command::new(bin("meshshm"))
-        .arg("--socket")
-        .arg(&p.socket)
-        .args(["serve", service])
-        .args(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let guard = KillOnDrop(child);
-    let c = p.client();
-    assert!(
-        eventually(T, || c.call(service, "probe", b"", T).is_ok()),
-        "server for {service} never answered"
-    );
-    guard
-}
-
-struct KillOnDrop(std::process::Child);
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    p.serve_cli(service, cmd)
 }
 
 #[test]
