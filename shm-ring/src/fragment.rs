@@ -6,7 +6,7 @@
 //! partial message per ring.
 
 use crate::error::RingError;
-use crate::frame::{FrameHeader, FrameKind, FLAG_CONT, FLAG_MORE};
+use crate::frame::{FrameHeader, FrameKind, FLAG_CONT, FLAG_MORE, HEADER_LEN};
 use crate::ring::Producer;
 
 /// Where a message being written stands; keep it to resume after
@@ -37,14 +37,23 @@ pub fn write_message(
     if total > u32::MAX as usize || meta_len > total {
         return Err(RingError::TooLarge(total));
     }
-    let max = tx.max_payload();
+    // A message that fits one frame goes as one (up to the whole ring: the
+    // consumer then reads it in place, with no reassembly). Larger ones go in
+    // fragments of at most half the ring, so that the producer writes one
+    // while the consumer reads the previous.
+    let single = total <= tx.max_payload();
+    let fragment = (tx.capacity() / 2).saturating_sub(HEADER_LEN).max(8);
     loop {
         let first = progress.sent == 0;
         let remaining = total - progress.sent;
         if !first && remaining == 0 {
             return Ok(true);
         }
-        let chunk = remaining.min(max);
+        let chunk = if single {
+            remaining
+        } else {
+            remaining.min(fragment)
+        };
         let mut g = match tx.reserve(chunk) {
             Ok(g) => g,
             Err(RingError::Full) => return Ok(false),

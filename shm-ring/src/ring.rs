@@ -93,10 +93,12 @@ impl RawRing {
         unsafe { self.ctl.as_ref() }
     }
 
-    /// Largest payload of a single frame: a frame takes at most half the
-    /// ring, so a frame plus the padding before it always fits in an empty ring.
+    /// Largest payload of a single frame: the whole data area. A frame that
+    /// would cross the end waits behind a pad frame (written on its own as
+    /// soon as the pad's bytes are free) and then starts at offset 0, so any
+    /// frame up to the capacity fits once the ring is empty.
     fn max_payload(&self) -> usize {
-        self.cap / 2 - HEADER_LEN
+        self.cap - HEADER_LEN
     }
 }
 
@@ -247,8 +249,10 @@ impl Producer {
     /// through the returned [`Grant`], then [`Grant::commit`] it.
     ///
     /// # Errors
-    /// [`RingError::Full`] when the space is not free yet (nothing was
-    /// written), [`RingError::TooLarge`] when `len > max_payload()`.
+    /// [`RingError::Full`] when the space is not free yet (nothing of the
+    /// frame was written; a pad to the end of the ring may have been, which
+    /// the next `publish` makes visible), [`RingError::TooLarge`] when
+    /// `len > max_payload()`.
     pub fn reserve(&mut self, len: usize) -> Result<Grant<'_>, RingError> {
         if self.poisoned {
             return Err(RingError::Poisoned);
@@ -259,14 +263,18 @@ impl Producer {
         let need = wire_len(len);
         let pos = (self.tail as usize) & (self.ring.cap - 1);
         let to_end = self.ring.cap - pos;
-        let total = if to_end < need { to_end + need } else { need };
-        if self.free() < total {
-            self.refresh_head()?;
-            if self.free() < total {
-                return Err(RingError::Full);
+        if to_end < need {
+            // The frame would cross the end: pad to the end first, on its
+            // own, as soon as those bytes are free (a pad plus a frame of more
+            // than half the ring would never fit together). The pad is
+            // committed even if the frame then has to wait: a later reserve
+            // starts at offset 0.
+            if self.free() < to_end {
+                self.refresh_head()?;
+                if self.free() < to_end {
+                    return Err(RingError::Full);
+                }
             }
-        }
-        let pos = if to_end < need {
             if to_end >= HEADER_LEN {
                 let pad = FrameHeader {
                     len: (to_end - HEADER_LEN) as u32,
@@ -279,10 +287,14 @@ impl Producer {
                 self.write_header(pos, &pad);
             }
             self.tail += to_end as u64;
-            0
-        } else {
-            pos
-        };
+        }
+        if self.free() < need {
+            self.refresh_head()?;
+            if self.free() < need {
+                return Err(RingError::Full);
+            }
+        }
+        let pos = (self.tail as usize) & (self.ring.cap - 1);
         Ok(Grant {
             producer: self,
             pos,
@@ -421,6 +433,12 @@ impl Consumer {
     /// Data-area size in bytes.
     pub fn capacity(&self) -> usize {
         self.ring.cap
+    }
+
+    /// Bytes published by the producer and not yet read, as of the last
+    /// re-read of its counter (no shared-memory access; for fill metrics).
+    pub fn pending(&self) -> usize {
+        (self.tail_cache - self.head) as usize
     }
 
     /// Largest payload one frame can carry.
