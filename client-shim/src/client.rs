@@ -250,7 +250,7 @@ impl Client {
                         );
                         let c = Conn::new(link);
                         if rt {
-                            c.spawn_reader();
+                            c.start_reader();
                         }
                         Ok(c)
                     }
@@ -282,7 +282,7 @@ pub(crate) fn deadline_as_timeout(r: Result<Vec<u8>>, timeout: Duration) -> Resu
 fn tcp_conn(addr: SocketAddr, o: &ClientOptions, reader_thread: bool) -> Result<Arc<dyn AnyConn>> {
     let c = Conn::new(TcpLink::connect(addr, o.connect_timeout, TCP_MAX_MESSAGE)?);
     if reader_thread {
-        c.spawn_reader();
+        c.start_reader();
     }
     Ok(c)
 }

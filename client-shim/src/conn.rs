@@ -1,6 +1,7 @@
 //! One connection to the proxy (either transport) and the call protocol on
 //! top of it: register, send, then lead or follow until the response comes.
 
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -32,6 +33,26 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// waiting; `false` when the transport cannot tell).
     fn peer_closed(&self) -> bool {
         false
+    }
+    /// For a reader task on an async runtime: the fds whose readability
+    /// means "look again" (shm: the doorbell, then the control socket; TCP:
+    /// the socket).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn watch_fds(&self) -> Vec<BorrowedFd<'_>>;
+    /// About to sleep on [`Link::watch_fds`]: tell the peer to ring. False
+    /// (and nothing announced) if data came in meanwhile.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn sleep_begin(&self, _rx: &mut Self::Rx) -> bool {
+        true
+    }
+    /// Awake again after [`Link::sleep_begin`].
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn sleep_end(&self) {}
+    /// Take in what has arrived, without blocking: true if anything did
+    /// (TCP: one non-blocking read; shm: the ring is already in memory).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn receive_now(&self, _rx: &mut Self::Rx) -> Result<bool> {
+        Ok(false)
     }
 }
 
@@ -67,6 +88,15 @@ impl Link for ShmLink {
     fn interrupt(&self) {
         ShmLink::interrupt(self)
     }
+    fn watch_fds(&self) -> Vec<BorrowedFd<'_>> {
+        ShmLink::watch_fds(self)
+    }
+    fn sleep_begin(&self, rx: &mut RxState) -> bool {
+        ShmLink::sleep_begin(self, rx)
+    }
+    fn sleep_end(&self) {
+        ShmLink::sleep_end(self)
+    }
 }
 
 impl Link for TcpLink {
@@ -96,6 +126,12 @@ impl Link for TcpLink {
     fn interrupt(&self) {
         TcpLink::interrupt(self)
     }
+    fn watch_fds(&self) -> Vec<BorrowedFd<'_>> {
+        TcpLink::watch_fds(self)
+    }
+    fn receive_now(&self, rx: &mut TcpRx) -> Result<bool> {
+        TcpLink::receive_now(self, rx)
+    }
 }
 
 /// The transport-independent face of a connection.
@@ -116,6 +152,9 @@ pub(crate) struct Conn<L: Link> {
     core: Core,
     link: L,
     closing: AtomicBool,
+    /// A reader of its own (thread or task) reads every response: callers
+    /// never lead, they wait to be handed theirs.
+    has_reader: AtomicBool,
 }
 
 thread_local! {
@@ -128,12 +167,27 @@ impl<L: Link> Conn<L> {
             core: Core::new(),
             link,
             closing: AtomicBool::new(false),
+            has_reader: AtomicBool::new(false),
         })
     }
 
     /// Turn this connection's receive side over to a thread of its own (for
     /// the async API, where no calling thread blocks to read).
+    /// Give the connection a reader of its own: a task on the current tokio
+    /// runtime if there is one, else a thread.
+    pub(crate) fn start_reader(self: &Arc<Self>) {
+        #[cfg(feature = "tokio")]
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            match self.spawn_task_reader(&rt) {
+                Ok(()) => return,
+                Err(e) => tracing::debug!(error = %e, "no reader task; using a thread"),
+            }
+        }
+        self.spawn_reader();
+    }
+
     pub(crate) fn spawn_reader(self: &Arc<Self>) {
+        self.has_reader.store(true, Ordering::Release);
         let me = self.clone();
         std::thread::Builder::new()
             .name("meshshm-reader".into())
@@ -146,6 +200,102 @@ impl<L: Link> Conn<L> {
                 }
             })
             .expect("spawn the meshshm reader thread");
+    }
+
+    /// Turn this connection's receive side over to a task on the runtime
+    /// `rt`: it waits on the transport's fds in the runtime's own reactor,
+    /// so a response reaches its caller's task with no thread hop. If the
+    /// runtime shuts down (the task is dropped), the connection is ended:
+    /// the next call opens a new one.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn spawn_task_reader(
+        self: &Arc<Self>,
+        rt: &tokio::runtime::Handle,
+    ) -> std::io::Result<()> {
+        use tokio::io::unix::AsyncFd;
+        use tokio::io::Interest;
+        let _in_rt = rt.enter();
+        let mut fds = Vec::new();
+        for fd in self.link.watch_fds() {
+            // The AsyncFd owns this dup outright, so nothing else can close
+            // or reuse the fd behind the registration (the I/O-safety concern
+            // that deprecated the safe constructors).
+            #[allow(deprecated)]
+            fds.push(AsyncFd::with_interest(
+                fd.try_clone_to_owned()?,
+                Interest::READABLE,
+            )?);
+        }
+        self.has_reader.store(true, Ordering::Release);
+        let me = self.clone();
+        rt.spawn(async move {
+            struct Ended<L: Link>(Arc<Conn<L>>);
+            impl<L: Link> Drop for Ended<L> {
+                fn drop(&mut self) {
+                    self.0
+                        .core
+                        .kill("the async runtime reading this connection has shut down");
+                }
+            }
+            let ended = Ended(me);
+            if let Err(e) = ended.0.read_task(&fds).await {
+                ended.0.fail(e);
+            }
+        });
+        Ok(())
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn read_task(
+        &self,
+        fds: &[tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>],
+    ) -> Result<()> {
+        use std::task::Poll;
+        loop {
+            if self.closing.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let sleep = {
+                let mut rx = self.link.rx();
+                while self.link.receive_now(&mut rx)? {
+                    self.link.drain(&mut rx, &mut |m| self.dispatch(m))?;
+                }
+                self.link.drain(&mut rx, &mut |m| self.dispatch(m))?;
+                if self.closing.load(Ordering::Acquire) || self.core.dead().is_some() {
+                    return Ok(());
+                }
+                self.link.sleep_begin(&mut rx)
+            };
+            if !sleep {
+                // More came in: go on, but let the tasks just woken run when
+                // this one has used its share.
+                tokio::task::coop::consume_budget().await;
+                continue;
+            }
+            let woke = std::future::poll_fn(|cx| {
+                for (i, fd) in fds.iter().enumerate() {
+                    if let Poll::Ready(r) = fd.poll_read_ready(cx) {
+                        return Poll::Ready(r.map(|mut g| {
+                            g.clear_ready();
+                            i
+                        }));
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            self.link.sleep_end();
+            match woke {
+                Ok(0) => {}
+                Ok(_) if self.link.peer_closed() => {
+                    return Err(Error::ProxyGone(
+                        "the proxy closed the control socket".into(),
+                    ))
+                }
+                Ok(_) => {}
+                Err(e) => return Err(Error::ProxyGone(format!("waiting for the proxy: {e}"))),
+            }
+        }
     }
 
     fn dispatch(&self, m: &Message<'_>) -> Result<()> {
@@ -251,7 +401,12 @@ impl<L: Link> AnyConn for Conn<L> {
             if let Some(r) = slot.take() {
                 return r;
             }
-            if let Some(mut rx) = self.link.try_rx() {
+            let lead = if self.has_reader.load(Ordering::Acquire) {
+                None
+            } else {
+                self.link.try_rx()
+            };
+            if let Some(mut rx) = lead {
                 let res = self.lead(&mut rx, deadline, &slot);
                 drop(rx);
                 self.core.handoff();

@@ -239,6 +239,31 @@ impl ShmLink {
         Ok(out)
     }
 
+    /// The doorbell's eventfd and the control socket (EOF: the proxy died).
+    pub(crate) fn watch_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        let mut v = Vec::with_capacity(2);
+        v.extend(self.waiter.bell().fd());
+        v.push(self.ctl.as_fd());
+        v
+    }
+
+    /// Ask the proxy to ring before sleeping; false (nothing announced) if
+    /// a response is already waiting or the link was interrupted.
+    pub(crate) fn sleep_begin(&self, rx: &mut RxState) -> bool {
+        self.waiter.announce_sleep();
+        if rx.consumer.has_data().unwrap_or(true)
+            || self.interrupted.load(std::sync::atomic::Ordering::Acquire)
+        {
+            self.waiter.cancel_sleep();
+            return false;
+        }
+        true
+    }
+
+    pub(crate) fn sleep_end(&self) {
+        self.waiter.cancel_sleep();
+    }
+
     /// Wake a thread blocked in [`ShmLink::wait`], and make every later
     /// wait return at once (used to stop a reader or a server).
     pub(crate) fn interrupt(&self) {

@@ -159,6 +159,40 @@ impl TcpLink {
         }
     }
 
+    /// The socket, for a reader on an async runtime.
+    pub(crate) fn watch_fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        vec![self.shut.as_fd()]
+    }
+
+    /// One non-blocking read (`MSG_DONTWAIT`: the socket itself stays
+    /// blocking for the writers and the blocking API); true if bytes came.
+    pub(crate) fn receive_now(&self, rx: &mut TcpRx) -> Result<bool> {
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let filled = rx.filled;
+        if filled == rx.buf.len() {
+            let l = rx.buf.len() * 2;
+            rx.buf.resize(l, 0);
+        }
+        match recv(
+            rx.s.as_raw_fd(),
+            &mut rx.buf[filled..],
+            MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => Err(Error::ProxyGone(
+                "the proxy closed the TCP connection".into(),
+            )),
+            Ok(n) => {
+                rx.filled += n;
+                Ok(true)
+            }
+            Err(nix::errno::Errno::EAGAIN) => Ok(false),
+            Err(nix::errno::Errno::EINTR) => Ok(true),
+            Err(e) => Err(gone(std::io::Error::from(e))),
+        }
+    }
+
     pub(crate) fn interrupt(&self) {
         let _ = self.shut.shutdown(Shutdown::Both);
     }

@@ -236,6 +236,13 @@ impl Producer {
         self.ring.cap - (self.tail - self.head_cache) as usize
     }
 
+    /// Bytes written and not yet released by the consumer, as of the last
+    /// re-read of its counter (no shared-memory access, so no error: for
+    /// fill metrics).
+    pub fn in_use(&self) -> usize {
+        (self.tail - self.head_cache) as usize
+    }
+
     /// Free bytes now (re-reads the consumer's counter).
     pub fn free_space(&mut self) -> Result<usize, RingError> {
         if self.poisoned {
