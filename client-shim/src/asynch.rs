@@ -1,6 +1,11 @@
-//! The async API, on tokio. Each connection's responses are read by a
-//! thread of its own (blocked on the doorbell eventfd and the control
-//! socket together), which completes the callers' futures.
+//! The async API, on tokio. Each connection's responses are read by a task
+//! on the runtime that opened it: the doorbell eventfd and the control
+//! socket (or the TCP socket) sit in that runtime's reactor, and the task
+//! completes the callers' futures with no thread hop. It does not spin: a
+//! task that polled would hold up the runtime's other tasks. If that
+//! runtime shuts down, the connection ends and the next call opens a new
+//! one on the caller's runtime. Outside any runtime (a connection opened
+//! from a plain thread), a reader thread does the same.
 
 use std::future::Future;
 use std::pin::Pin;
