@@ -170,6 +170,46 @@ fn async_client_many_in_flight() {
     }
 }
 
+/// The async client's reader is a task on the runtime that opened the
+/// connection. When that runtime is gone, the next call (on another
+/// runtime) opens a new connection instead of waiting for a reader that no
+/// longer exists; over both transports, with large bodies too.
+#[test]
+fn async_client_outlives_the_runtime_that_connected_it() {
+    let p = Proxy::start();
+    for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
+        let opts = ClientOptions {
+            socket: Some(p.socket.clone()),
+            transport,
+            ..Default::default()
+        };
+        let first = tokio_rt();
+        let c = first.block_on(async {
+            let c = meshshm::AsyncClient::connect(opts).await.unwrap();
+            let b = body(1, 3000);
+            assert_eq!(c.call("echo", "E", &b, T).await.unwrap(), b);
+            c
+        });
+        drop(first);
+        for round in 0..3u64 {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                for (i, size) in [0usize, 64, 70_000, 1 << 20].into_iter().enumerate() {
+                    let b = body(round * 10 + i as u64, size);
+                    let r = tokio::time::timeout(T, c.call("echo", "E", &b, T))
+                        .await
+                        .expect("a call after the first runtime ended hung")
+                        .unwrap();
+                    assert_eq!(r, b);
+                }
+            });
+        }
+    }
+}
+
 fn tokio_rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
