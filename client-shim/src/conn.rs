@@ -19,7 +19,17 @@ use crate::{Call, Response};
 pub(crate) trait Link: Send + Sync + 'static {
     type Rx;
     fn name(&self) -> &'static str;
-    fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()>;
+    /// Send one message, waiting for room; `idle` runs whenever there is
+    /// none (the caller reads responses meanwhile: the room it waits for may
+    /// depend on them, and its thread may be the one that reads them).
+    fn send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<()>;
     fn try_rx(&self) -> Option<MutexGuard<'_, Self::Rx>>;
     fn rx(&self) -> MutexGuard<'_, Self::Rx>;
     fn drain(
@@ -50,7 +60,6 @@ pub(crate) trait Link: Send + Sync + 'static {
     fn sleep_end(&self) {}
     /// Take in what has arrived, without blocking: true if anything did
     /// (TCP: one non-blocking read; shm: the ring is already in memory).
-    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn receive_now(&self, _rx: &mut Self::Rx) -> Result<bool> {
         Ok(false)
     }
@@ -66,8 +75,15 @@ impl Link for ShmLink {
         // readable means EOF, the proxy is gone.
         crate::shm::readable_now(&self.ctl)
     }
-    fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
-        ShmLink::send(self, kind, id, meta, body)
+    fn send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<()> {
+        ShmLink::send(self, kind, id, meta, body, idle)
     }
     fn try_rx(&self) -> Option<MutexGuard<'_, RxState>> {
         ShmLink::try_rx(self)
@@ -104,8 +120,15 @@ impl Link for TcpLink {
     fn name(&self) -> &'static str {
         "tcp"
     }
-    fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
-        TcpLink::send(self, kind, id, meta, body)
+    fn send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<()> {
+        TcpLink::send(self, kind, id, meta, body, idle)
     }
     fn try_rx(&self) -> Option<MutexGuard<'_, TcpRx>> {
         TcpLink::try_rx(self)
@@ -298,6 +321,24 @@ impl<L: Link> Conn<L> {
         }
     }
 
+    /// Deliver whatever responses have arrived, if no one else is reading
+    /// right now (never waits).
+    fn pump_now(&self) {
+        let Some(mut rx) = self.link.try_rx() else {
+            return;
+        };
+        let r = (|| {
+            while self.link.receive_now(&mut rx)? {
+                self.link.drain(&mut rx, &mut |m| self.dispatch(m))?;
+            }
+            self.link.drain(&mut rx, &mut |m| self.dispatch(m))
+        })();
+        drop(rx);
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
     fn dispatch(&self, m: &Message<'_>) -> Result<()> {
         match m.kind {
             FrameKind::Response => {
@@ -382,7 +423,10 @@ impl<L: Link> AnyConn for Conn<L> {
                 call.priority,
                 call.headers,
             );
-            self.link.send(FrameKind::Request, id, &m, call.body)
+            self.link
+                .send(FrameKind::Request, id, &m, call.body, &mut || {
+                    self.pump_now()
+                })
         });
         if let Err(e) = sent {
             self.core.forget(id);
@@ -443,7 +487,9 @@ impl<L: Link> AnyConn for Conn<L> {
     fn cancel(&self, id: u64) {
         self.core.forget(id);
         if self.core.dead().is_none() {
-            let _ = self.link.send(FrameKind::Cancel, id, &[], &[]);
+            let _ = self
+                .link
+                .send(FrameKind::Cancel, id, &[], &[], &mut || self.pump_now());
         }
     }
 

@@ -158,7 +158,9 @@ impl Server {
     ) -> Result<()> {
         let mut meta = Vec::with_capacity(16);
         ResponseMeta::encode(&mut meta, status, message, headers);
-        self.link.send(FrameKind::Response, id, &meta, body)
+        // The proxy always reads a server's ring: room comes without us.
+        self.link
+            .send(FrameKind::Response, id, &meta, body, &mut || {})
     }
 
     /// Serve requests with `handler` until the proxy goes away; the handler

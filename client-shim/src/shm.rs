@@ -125,8 +125,16 @@ impl ShmLink {
     }
 
     /// Send one message (as many frames as it takes), waiting for room when
-    /// the ring is full. Fails if the proxy goes away meanwhile.
-    pub(crate) fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
+    /// the ring is full (running `idle` first each time). Fails if the proxy
+    /// goes away meanwhile.
+    pub(crate) fn send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<()> {
         check_size(meta.len() + body.len(), self.max_message)?;
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let mut progress = WriteProgress { sent: 0 };
@@ -138,7 +146,10 @@ impl ShmLink {
             if done {
                 return Ok(());
             }
-            // The ring is full: the proxy frees room as it reads. Short
+            // The ring is full: the proxy frees room as it reads, and it may
+            // be waiting for us to read its answers first.
+            idle();
+            // Short
             // pauses sleep (poll() would round them up to 1 ms) and then check
             // the control socket; long ones sleep on it, so that the proxy's
             // death ends the wait either way.
@@ -202,7 +213,7 @@ impl ShmLink {
                 match m.kind {
                     FrameKind::Ping => {
                         let payload = m.data.to_vec();
-                        self.send(FrameKind::Pong, m.stream_id, &[], &payload)?;
+                        self.send(FrameKind::Pong, m.stream_id, &[], &payload, &mut || {})?;
                     }
                     _ => on(&m)?,
                 }

@@ -1,6 +1,6 @@
 //! The loopback-TCP transport: the same frames, byte for byte, on a socket.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -56,14 +56,43 @@ impl TcpLink {
         })
     }
 
-    pub(crate) fn send(&self, kind: FrameKind, id: u64, meta: &[u8], body: &[u8]) -> Result<()> {
+    /// Send one frame. The socket stays blocking for the blocking API's
+    /// reads; writes use `MSG_DONTWAIT`, so that while the socket buffer is
+    /// full `idle` can read the proxy's answers (which the proxy may be
+    /// waiting to send before it reads more).
+    pub(crate) fn send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<()> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
         check_size(meta.len() + body.len(), self.max_message)?;
         OUT.with(|o| {
             let mut o = o.borrow_mut();
             o.clear();
             encode_frame(&mut o, kind, id, meta.len(), &[meta, body]);
-            let mut w = self.w.lock().unwrap_or_else(|p| p.into_inner());
-            w.write_all(&o).map_err(gone)
+            let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+            let mut off = 0;
+            while off < o.len() {
+                match send(
+                    w.as_raw_fd(),
+                    &o[off..],
+                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                ) {
+                    Ok(n) => off += n,
+                    Err(nix::errno::Errno::EAGAIN) => {
+                        idle();
+                        writable_within(&w, Duration::from_millis(1));
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => return Err(gone(std::io::Error::from(e))),
+                }
+            }
+            Ok(())
         })
     }
 
@@ -90,7 +119,7 @@ impl TcpLink {
                     if let Some(m) = rx.reasm.feed(&h, payload)? {
                         if m.kind == FrameKind::Ping {
                             let p = m.data.to_vec();
-                            self.send(FrameKind::Pong, m.stream_id, &[], &p)?;
+                            self.send(FrameKind::Pong, m.stream_id, &[], &p, &mut || {})?;
                         } else {
                             on(&m)?;
                         }
@@ -196,4 +225,16 @@ impl TcpLink {
     pub(crate) fn interrupt(&self) {
         let _ = self.shut.shutdown(Shutdown::Both);
     }
+}
+
+/// poll() the socket for writability, at most `t`.
+fn writable_within(s: &TcpStream, t: Duration) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let ms = t.as_millis().clamp(1, i32::MAX as u128) as i32;
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+    let _ = poll(
+        &mut fds,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    );
 }

@@ -210,6 +210,46 @@ fn async_client_outlives_the_runtime_that_connected_it() {
     }
 }
 
+/// Many large calls at once from one thread: more request bytes than the
+/// rings (or socket buffers) hold, so sends must wait for room while the
+/// responses that make room come back on the same thread. Nothing may
+/// block that thread while it waits.
+#[test]
+fn async_client_large_calls_on_one_thread_do_not_deadlock() {
+    let p = Proxy::start();
+    for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
+        let opts = ClientOptions {
+            socket: Some(p.socket.clone()),
+            transport,
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = meshshm::AsyncClient::connect(opts).await.unwrap();
+            let mut tasks = Vec::new();
+            for i in 0..24u64 {
+                let c = c.clone();
+                tasks.push(tokio::task::spawn(async move {
+                    let b = body(i, 1 << 20);
+                    let r = c.call("echo", "E", &b, T).await.unwrap();
+                    assert!(r == b, "call {i}: wrong body");
+                }));
+            }
+            let all = async {
+                for t in tasks {
+                    t.await.unwrap();
+                }
+            };
+            tokio::time::timeout(T, all)
+                .await
+                .expect("large concurrent calls on one thread hung");
+        });
+    }
+}
+
 fn tokio_rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
