@@ -1,6 +1,8 @@
 //! The inbound side: an app that serves a service through the proxy.
 
+use std::collections::{HashSet, VecDeque};
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use meshshm_proto::{default_socket_path, RequestMeta, ResponseMeta, Role};
@@ -44,6 +46,16 @@ pub struct Server {
     link: ShmLink,
     service: String,
     closing: std::sync::atomic::AtomicBool,
+    calls: Mutex<Calls>,
+}
+
+/// Requests read ahead of `next` (while looking for cancels), and the ids
+/// handed out whose callers still wait for an answer.
+#[derive(Default)]
+struct Calls {
+    queued: VecDeque<Request>,
+    open: HashSet<u64>,
+    goaway: bool,
 }
 
 impl Server {
@@ -70,6 +82,7 @@ impl Server {
             link,
             service: service.to_owned(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            calls: Mutex::new(Calls::default()),
         })
     }
 
@@ -90,42 +103,88 @@ impl Server {
             if self.closing.load(std::sync::atomic::Ordering::Acquire) {
                 return Err(Error::Closed);
             }
-            let mut got = None;
-            let mut stop = false;
-            // Take one request at a time; leave the rest in the ring.
-            self.link
-                .drain_one(&mut rx, |m: &meshshm_ring::Message<'_>| {
-                    match m.kind {
-                        FrameKind::Request => {
-                            let meta = RequestMeta::decode(m.meta())
-                                .map_err(|e| Error::Protocol(format!("request metadata: {e}")))?;
-                            got = Some(Request {
-                                id: m.stream_id,
-                                service: meta.service.to_owned(),
-                                method: meta.method.to_owned(),
-                                headers: meta.headers.to_vec(),
-                                body: m.body().to_vec(),
-                                deadline: (meta.timeout_ms > 0).then(|| {
-                                    Instant::now() + Duration::from_millis(meta.timeout_ms as u64)
-                                }),
-                                priority: meta.priority,
-                            });
-                        }
-                        FrameKind::Goaway => stop = true,
-                        _ => {}
-                    }
-                    Ok(())
-                })?;
-            if got.is_some() {
-                return Ok(got);
+            {
+                let mut c = self.calls();
+                if let Some(r) = c.queued.pop_front() {
+                    c.open.insert(r.id);
+                    return Ok(Some(r));
+                }
+                if c.goaway {
+                    return Err(Error::ProxyGone("the proxy is shutting down".into()));
+                }
             }
-            if stop {
-                return Err(Error::ProxyGone("the proxy is shutting down".into()));
+            // Take one request at a time; leave the rest in the ring.
+            if self.take(&mut rx, true)? > 0 {
+                continue;
             }
             if self.link.wait(&mut rx, deadline)? == WaitOutcome::TimedOut {
                 return Ok(None);
             }
         }
+    }
+
+    /// Whether no one waits for an answer to request `id` any more: its
+    /// caller stopped waiting (timeout, or gone; the proxy said so with a
+    /// Cancel), or it was answered already. A handler doing long work can
+    /// check now and then and give up; a reply to such a request is dropped
+    /// here without being sent. Reads what the proxy sent meanwhile (never
+    /// waits).
+    ///
+    /// # Errors
+    /// When the proxy broke the protocol.
+    pub fn is_cancelled(&self, id: u64) -> Result<bool> {
+        if let Some(mut rx) = self.link.try_rx() {
+            self.take(&mut rx, false)?;
+        }
+        Ok(!self.calls().open.contains(&id))
+    }
+
+    fn calls(&self) -> std::sync::MutexGuard<'_, Calls> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read what is in the ring (up to the first request if `one`),
+    /// queueing requests and marking cancels. Returns requests queued.
+    fn take(&self, rx: &mut crate::shm::RxState, one: bool) -> Result<usize> {
+        let n = std::cell::Cell::new(0);
+        let mut on = |m: &meshshm_ring::Message<'_>| {
+            match m.kind {
+                FrameKind::Request => {
+                    let meta = RequestMeta::decode(m.meta())
+                        .map_err(|e| Error::Protocol(format!("request metadata: {e}")))?;
+                    self.calls().queued.push_back(Request {
+                        id: m.stream_id,
+                        service: meta.service.to_owned(),
+                        method: meta.method.to_owned(),
+                        headers: meta.headers.to_vec(),
+                        body: m.body().to_vec(),
+                        deadline: (meta.timeout_ms > 0).then(|| {
+                            Instant::now() + Duration::from_millis(meta.timeout_ms as u64)
+                        }),
+                        priority: meta.priority,
+                    });
+                    n.set(n.get() + 1);
+                }
+                FrameKind::Cancel => {
+                    let mut c = self.calls();
+                    if !c.open.remove(&m.stream_id) {
+                        // Not handed out yet: its caller is gone, drop it.
+                        c.queued.retain(|r| r.id != m.stream_id);
+                    }
+                }
+                FrameKind::Goaway => self.calls().goaway = true,
+                _ => {}
+            }
+            Ok(())
+        };
+        if one {
+            // Leave later requests in the ring (and the proxy's backpressure
+            // on them) until this server asks for them.
+            while n.get() == 0 && self.link.drain_one(rx, &mut on)? > 0 {}
+        } else {
+            self.link.drain(rx, &mut on)?;
+        }
+        Ok(n.get())
     }
 
     /// Make [`Server::next`] return [`Error::Closed`] now and from now on,
@@ -156,6 +215,11 @@ impl Server {
         headers: &[(&str, &[u8])],
         body: &[u8],
     ) -> Result<()> {
+        if !self.calls().open.remove(&id) {
+            // Its caller gave up (or it was answered): the proxy would drop
+            // the answer anyway.
+            return Ok(());
+        }
         let mut meta = Vec::with_capacity(16);
         ResponseMeta::encode(&mut meta, status, message, headers);
         // The proxy always reads a server's ring: room comes without us.

@@ -389,9 +389,25 @@ fn timeout_fails_the_call_and_cancels() {
         .unwrap()
         .expect("request reached the server");
     assert!(r.deadline.is_some());
+    // The server hears that its caller gave up (the proxy's Cancel).
+    assert!(
+        eventually(T, || server.is_cancelled(r.id).unwrap()),
+        "the cancel did not reach the server app"
+    );
     // A late reply is dropped quietly; the client goes on working.
     server.reply(r.id, 0, b"late").unwrap();
     assert_eq!(c.call("echo", "E", b"after", T).unwrap(), b"after");
+    // A request whose caller still waits is not cancelled, until answered.
+    let waiting = std::thread::spawn({
+        let c = p.client();
+        move || c.call("slow", "Soon", b"y", T)
+    });
+    let r = server.next(Some(T)).unwrap().expect("second request");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!server.is_cancelled(r.id).unwrap());
+    server.reply(r.id, 0, b"answer").unwrap();
+    assert!(server.is_cancelled(r.id).unwrap(), "answered: nobody waits");
+    assert_eq!(waiting.join().unwrap().unwrap(), b"answer");
 }
 
 #[test]
