@@ -21,6 +21,7 @@ mod procs;
 mod report;
 mod uds;
 mod units;
+mod wake;
 mod wire;
 mod work;
 
@@ -41,6 +42,16 @@ struct Cli {
 enum Cmd {
     /// Compare transports end to end; prints a table, writes JSON and SVG.
     Compare(Box<compare::Args>),
+    /// The cost of a bare sleeping hand-off here (two pinned threads,
+    /// futex and eventfd doorbells): the floor under every blocking row.
+    Wake {
+        /// Round trips per bell and round
+        #[arg(long, default_value_t = 20_000)]
+        count: u64,
+        /// Rounds
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
     /// (internal) the Unix-socket echo server.
     #[command(hide = true)]
     UdsEcho {
@@ -76,6 +87,7 @@ fn main() -> ExitCode {
             procs::cleanup();
             code
         }
+        Cmd::Wake { count, rounds } => wake::run(count, rounds),
         Cmd::UdsEcho { socket, parent } => uds::server_main(&socket, parent),
         Cmd::RingEcho { connect, parent } => floor::child_main(&connect, parent),
         Cmd::Exec { parent, argv } => procs::exec_main(parent, &argv),

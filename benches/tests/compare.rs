@@ -257,3 +257,35 @@ fn ctrl_c_stops_every_child() {
         "left behind: {left:?} {left2:?}"
     );
 }
+
+/// `wake` measures both bells and prints a row for each, with numbers.
+#[test]
+fn wake_measures_both_bells() {
+    let out = std::process::Command::new(bench())
+        .args(["wake", "--count", "300", "--rounds", "1"])
+        .output()
+        .expect("run meshshm-bench wake");
+    let text = String::from_utf8_lossy(&out.stdout);
+    if out.status.code() == Some(2) {
+        println!("SKIPPED: {}", String::from_utf8_lossy(&out.stderr));
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for bell in ["futex", "eventfd"] {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(bell))
+            .unwrap_or_else(|| panic!("no {bell} row in:\n{text}"));
+        let nums: Vec<f64> = row
+            .split_whitespace()
+            .skip(2)
+            .map(|w| w.parse().expect("a number"))
+            .collect();
+        assert_eq!(nums.len(), 4, "{row}");
+        assert!(nums.iter().all(|&x| x > 0.0), "{row}");
+    }
+}
