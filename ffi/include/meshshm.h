@@ -31,6 +31,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The default meshshm_call_options (no timeout, normal priority, no
+// headers), with struct_size set: `meshshm_call_options o = MESHSHM_CALL_OPTIONS_INIT;`
+#define MESHSHM_CALL_OPTIONS_INIT { sizeof(meshshm_call_options), 0, 1, NULL, 0 }
+
 
 // The ABI major version: the `0` of the soname `libmeshshm.so.0`.
 #define MESHSHM_ABI_VERSION 0
@@ -94,6 +98,41 @@ typedef struct meshshm_client meshshm_client;
 // server has returned.
 typedef struct meshshm_server meshshm_server;
 
+// One header: a name and a value of bytes.
+//
+// As input (`meshshm_call_options.headers`) the caller owns the memory; as
+// output (`meshshm_headers`, from `meshshm_server_next_with_headers`)
+// libmeshshm owns it until `meshshm_headers_free`.
+typedef struct {
+  // the name (NUL-terminated UTF-8, not empty, at most 65535 bytes)
+  const char *name;
+  // the value's first byte (NULL is fine when `value_len` is 0)
+  const uint8_t *value;
+  // the value's length in bytes
+  size_t value_len;
+} meshshm_header;
+
+// What a call carries besides service, method and body, for
+// `meshshm_client_call_opts` and `meshshm_client_send_opts`.
+//
+// Set `struct_size` to `sizeof(meshshm_call_options)`: fields added later
+// go at the end, and the library reads only the first `struct_size` bytes
+// (any bytes it does not know must be 0). In C, start from
+// `MESHSHM_CALL_OPTIONS_INIT` (no timeout, normal priority, no headers).
+typedef struct {
+  // `sizeof(meshshm_call_options)` as the caller was compiled with
+  size_t struct_size;
+  // give up (and cancel the call) after this many milliseconds; 0: no timeout
+  uint32_t timeout_ms;
+  // 0 = low (shed first under overload), 1 = normal, 2 and up = high
+  uint8_t priority;
+  // `headers_len` request headers (NULL is fine when `headers_len` is 0);
+  // only read during the call that takes the options
+  const meshshm_header *headers;
+  // the number of headers (at most 65535)
+  size_t headers_len;
+} meshshm_call_options;
+
 // Bytes owned by libmeshshm and lent to the caller until
 // `meshshm_buffer_free`. An empty buffer is `{ NULL, 0 }`.
 //
@@ -125,6 +164,15 @@ typedef struct {
   // NULL on success, else the error message (NUL-terminated)
   char *error;
 } meshshm_completion;
+
+// Headers owned by libmeshshm until `meshshm_headers_free`; `{ NULL, 0 }`
+// when there are none.
+typedef struct {
+  // the first header (NULL when `len` is 0)
+  meshshm_header *data;
+  // the number of headers
+  size_t len;
+} meshshm_headers;
 
 // A request delivered by `meshshm_server_next`. Its strings and body belong
 // to libmeshshm until `meshshm_request_free`.
@@ -188,6 +236,23 @@ int meshshm_client_send(meshshm_client *c,
                         uint32_t timeout_ms,
                         uint64_t user_data,
                         uint64_t *call_id);
+
+// As `meshshm_client_send`, with request headers, a priority and the
+// timeout given in `options` (NULL: no timeout, normal priority, no
+// headers; see `meshshm_call_options`). The options, the headers and their
+// strings are copied before this function returns.
+//
+// # Safety
+// As `meshshm_client_send`; `options` is NULL or points to a
+// `meshshm_call_options` as documented there.
+int meshshm_client_send_opts(meshshm_client *c,
+                             const char *service,
+                             const char *method,
+                             const void *body,
+                             size_t body_len,
+                             const meshshm_call_options *options,
+                             uint64_t user_data,
+                             uint64_t *call_id);
 
 // Cancel an asynchronous call in flight. Its completion (with
 // `MESHSHM_ERR_CANCELLED`) is queued at once. Returns
@@ -276,6 +341,25 @@ int meshshm_client_call(meshshm_client *c,
                         uint32_t timeout_ms,
                         meshshm_buffer *response);
 
+// As `meshshm_client_call`, with request headers, a priority and the
+// timeout given in `options` (NULL: no timeout, normal priority, no
+// headers; see `meshshm_call_options`). The options, the headers and their
+// strings are only read during this call.
+//
+// `MESHSHM_ERR_INVALID_ARGUMENT` for a bad `options.struct_size`, a NULL or
+// empty header name, or a NULL value with a non-zero length.
+//
+// # Safety
+// As `meshshm_client_call`; `options` is NULL or points to a
+// `meshshm_call_options` as documented there.
+int meshshm_client_call_opts(meshshm_client *c,
+                             const char *service,
+                             const char *method,
+                             const void *body,
+                             size_t body_len,
+                             const meshshm_call_options *options,
+                             meshshm_buffer *response);
+
 // Close the client: calls still in flight on other threads fail, pending
 // asynchronous calls are dropped, and the file descriptor of
 // `meshshm_client_fd` is closed. NULL is fine.
@@ -283,6 +367,14 @@ int meshshm_client_call(meshshm_client *c,
 // # Safety
 // `c` is NULL or a live client, not used by any other thread now or after.
 void meshshm_client_close(meshshm_client *c);
+
+// Free headers filled in by libmeshshm and reset the list to `{ NULL, 0 }`.
+// NULL, or an empty list, is fine; freeing twice is harmless.
+//
+// # Safety
+// `h` is NULL or points to a `meshshm_headers` that libmeshshm filled in
+// (or that is `{ NULL, 0 }`), not modified since.
+void meshshm_headers_free(meshshm_headers *h);
 
 // Connect to the proxy (`socket_path` NULL or "": the default, as for
 // `meshshm_client_connect`) and register as the handler of `service`.
@@ -304,6 +396,33 @@ int meshshm_server_bind(const char *socket_path, const char *service, meshshm_se
 // # Safety
 // `s` is a live server (or NULL); `req` is NULL or writable.
 int meshshm_server_next(meshshm_server *s, meshshm_request *req, int32_t timeout_ms);
+
+// As `meshshm_server_next`, and the request's headers in `*headers`
+// (release them with `meshshm_headers_free`; `{ NULL, 0 }` when the caller
+// sent none, and on an error). `headers` may be NULL: then this is
+// `meshshm_server_next`. The request's priority is `req->priority`.
+//
+// # Safety
+// As `meshshm_server_next`; `headers` is NULL or writable.
+int meshshm_server_next_with_headers(meshshm_server *s,
+                                     meshshm_request *req,
+                                     meshshm_headers *headers,
+                                     int32_t timeout_ms);
+
+// Whether no one waits for the answer to request `request_id` any more:
+// 1 if its caller stopped waiting (it timed out or went away, and the
+// proxy sent a cancel), if it was answered already, or if this server never
+// handed it out; 0 while the caller still waits; or a negative error code
+// (`MESHSHM_ERR_PROTOCOL`, `MESHSHM_ERR_INVALID_ARGUMENT`, ...).
+//
+// A handler doing long work can check now and then and give up: a reply to
+// a cancelled request is dropped without being sent (and
+// `meshshm_server_reply` still returns `MESHSHM_OK`). Never waits; may be
+// called from any thread, also while another waits in `meshshm_server_next`.
+//
+// # Safety
+// `s` is a live server (or NULL).
+int meshshm_server_is_cancelled(meshshm_server *s, uint64_t request_id);
 
 // Answer request `request_id` with `status` (0 = OK; else an error status
 // such as 3 invalid argument, 5 not found, 13 internal) and `len` bytes at

@@ -40,18 +40,28 @@ pub(crate) unsafe fn path_arg<'a>(p: *const c_char) -> Res<Option<&'a Path>> {
 /// `p` is NULL or points to `len` readable bytes that stay valid and
 /// unmodified for `'a`.
 pub(crate) unsafe fn bytes_arg<'a>(p: *const std::ffi::c_void, len: usize) -> Res<&'a [u8]> {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { named_bytes_arg(p.cast::<u8>(), len, "body") }
+}
+
+/// A byte range named `name` in error messages (`name_len` is its length):
+/// `(NULL, 0)` is empty.
+///
+/// # Safety
+/// As [`bytes_arg`].
+pub(crate) unsafe fn named_bytes_arg<'a>(p: *const u8, len: usize, name: &str) -> Res<&'a [u8]> {
     if len == 0 {
         return Ok(&[]);
     }
     if p.is_null() {
-        return Err(Fail::arg(format!("body is NULL but body_len is {len}")));
+        return Err(Fail::arg(format!("{name} is NULL but {name}_len is {len}")));
     }
     if len > isize::MAX as usize {
-        return Err(Fail::arg("body_len is too large"));
+        return Err(Fail::arg(format!("{name}_len is too large")));
     }
     // SAFETY: not NULL, len bounded by isize::MAX, and the caller promises
     // `len` readable bytes alive for 'a.
-    Ok(unsafe { std::slice::from_raw_parts(p.cast::<u8>(), len) })
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
 }
 
 /// A pointer the library writes through.

@@ -20,13 +20,14 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::runtime::Runtime;
 
-use crate::args::{bytes_arg, call_timeout, str_arg, wait_timeout};
+use crate::args::{bytes_arg, str_arg, wait_timeout};
 use crate::buffer::{free_c_string, give_c_string, meshshm_buffer};
 use crate::client::{handle, meshshm_client, ClientHandle};
 use crate::error::{
     guard, guard_void, response_result, Fail, Res, MESHSHM_ERR_CANCELLED, MESHSHM_ERR_CLOSED,
     MESHSHM_ERR_NOT_FOUND, MESHSHM_OK,
 };
+use crate::options::{call_options, meshshm_call_options, CallOpts};
 
 /// One finished asynchronous call, as `meshshm_client_poll` hands it out.
 /// Release what it holds with `meshshm_completion_free`.
@@ -180,43 +181,106 @@ pub unsafe extern "C" fn meshshm_client_send(
         // SAFETY: the caller's promises, passed on (here and below).
         let h = unsafe { handle(c) }?;
         // SAFETY: as above.
-        let service = unsafe { str_arg(service, "service") }?.to_owned();
+        let service = unsafe { str_arg(service, "service") }?;
         // SAFETY: as above.
-        let method = unsafe { str_arg(method, "method") }?.to_owned();
+        let method = unsafe { str_arg(method, "method") }?;
         // SAFETY: as above.
-        let body = unsafe { bytes_arg(body, body_len) }?.to_vec();
-        let st = state(h)?;
-        if st.closed.load(Ordering::Acquire) {
-            return Err(Fail::new(MESHSHM_ERR_CLOSED, "the client is closed"));
-        }
-        let rt = runtime()?;
-        let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-        let client = st.client.clone();
-        let shared = st.shared.clone();
-        let timeout = call_timeout(timeout_ms);
-        // Hold the table while spawning, so the task cannot finish (and look
-        // itself up) before it is registered.
-        let mut tasks = lock(&st.shared.tasks);
-        let task = rt.spawn(async move {
-            let call = shim::Call {
-                timeout,
-                ..shim::Call::new(&service, &method, &body)
-            };
-            let outcome = client.invoke(&call).await.map_err(Fail::from);
-            shared.complete(Done {
-                user_data,
-                call_id: id,
-                outcome,
-            });
-        });
-        tasks.insert(id, (user_data, task.abort_handle()));
-        drop(tasks);
+        let body = unsafe { bytes_arg(body, body_len) }?;
+        let id = send(
+            h,
+            service,
+            method,
+            body,
+            CallOpts::plain(timeout_ms),
+            user_data,
+        )?;
         if !call_id.is_null() {
             // SAFETY: not NULL, and the caller promises it is writable.
             unsafe { call_id.write(id) };
         }
         Ok(MESHSHM_OK)
     })
+}
+
+/// As `meshshm_client_send`, with request headers, a priority and the
+/// timeout given in `options` (NULL: no timeout, normal priority, no
+/// headers; see `meshshm_call_options`). The options, the headers and their
+/// strings are copied before this function returns.
+///
+/// # Safety
+/// As `meshshm_client_send`; `options` is NULL or points to a
+/// `meshshm_call_options` as documented there.
+#[no_mangle]
+pub unsafe extern "C" fn meshshm_client_send_opts(
+    c: *mut meshshm_client,
+    service: *const c_char,
+    method: *const c_char,
+    body: *const c_void,
+    body_len: usize,
+    options: *const meshshm_call_options,
+    user_data: u64,
+    call_id: *mut u64,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller's promises, passed on (here and below).
+        let h = unsafe { handle(c) }?;
+        // SAFETY: as above.
+        let service = unsafe { str_arg(service, "service") }?;
+        // SAFETY: as above.
+        let method = unsafe { str_arg(method, "method") }?;
+        // SAFETY: as above.
+        let body = unsafe { bytes_arg(body, body_len) }?;
+        // SAFETY: as above.
+        let opts = unsafe { call_options(options) }?;
+        let id = send(h, service, method, body, opts, user_data)?;
+        if !call_id.is_null() {
+            // SAFETY: not NULL, and the caller promises it is writable.
+            unsafe { call_id.write(id) };
+        }
+        Ok(MESHSHM_OK)
+    })
+}
+
+/// Start one asynchronous call; its id.
+fn send(
+    h: &ClientHandle,
+    service: &str,
+    method: &str,
+    body: &[u8],
+    opts: CallOpts,
+    user_data: u64,
+) -> Res<u64> {
+    let (service, method, body) = (service.to_owned(), method.to_owned(), body.to_vec());
+    let st = state(h)?;
+    if st.closed.load(Ordering::Acquire) {
+        return Err(Fail::new(MESHSHM_ERR_CLOSED, "the client is closed"));
+    }
+    let rt = runtime()?;
+    let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let client = st.client.clone();
+    let shared = st.shared.clone();
+    // Hold the table while spawning, so the task cannot finish (and look
+    // itself up) before it is registered.
+    let mut tasks = lock(&st.shared.tasks);
+    let task = rt.spawn(async move {
+        let headers = opts.header_refs();
+        let call = shim::Call {
+            service: &service,
+            method: &method,
+            body: &body,
+            headers: &headers,
+            timeout: opts.timeout,
+            priority: opts.priority,
+        };
+        let outcome = client.invoke(&call).await.map_err(Fail::from);
+        shared.complete(Done {
+            user_data,
+            call_id: id,
+            outcome,
+        });
+    });
+    tasks.insert(id, (user_data, task.abort_handle()));
+    Ok(id)
 }
 
 /// Cancel an asynchronous call in flight. Its completion (with

@@ -4,10 +4,11 @@ use std::ffi::{c_char, c_int, c_void};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::args::{bytes_arg, call_timeout, out_arg, path_arg, str_arg};
+use crate::args::{bytes_arg, out_arg, path_arg, str_arg};
 use crate::asynch::AsyncState;
 use crate::buffer::meshshm_buffer;
 use crate::error::{guard, guard_void, response_result, Fail, Res, MESHSHM_OK};
+use crate::options::{call_options, meshshm_call_options, CallOpts};
 
 /// A connection to the sidecar proxy for outbound calls (opaque).
 ///
@@ -116,11 +117,68 @@ pub unsafe extern "C" fn meshshm_client_call(
         let method = unsafe { str_arg(method, "method") }?;
         // SAFETY: as above.
         let body = unsafe { bytes_arg(body, body_len) }?;
-        let call = shim::Call {
-            timeout: call_timeout(timeout_ms),
-            ..shim::Call::new(service, method, body)
-        };
-        let bytes = response_result(h.client.invoke(&call)?).map_err(|(f, _)| f)?;
+        let bytes = invoke(h, service, method, body, &CallOpts::plain(timeout_ms))?;
+        *response = meshshm_buffer::from_vec(bytes);
+        Ok(MESHSHM_OK)
+    })
+}
+
+/// Make one blocking call; the response body if its status is OK.
+fn invoke(
+    h: &ClientHandle,
+    service: &str,
+    method: &str,
+    body: &[u8],
+    opts: &CallOpts,
+) -> Res<Vec<u8>> {
+    let headers = opts.header_refs();
+    let call = shim::Call {
+        service,
+        method,
+        body,
+        headers: &headers,
+        timeout: opts.timeout,
+        priority: opts.priority,
+    };
+    response_result(h.client.invoke(&call)?).map_err(|(f, _)| f)
+}
+
+/// As `meshshm_client_call`, with request headers, a priority and the
+/// timeout given in `options` (NULL: no timeout, normal priority, no
+/// headers; see `meshshm_call_options`). The options, the headers and their
+/// strings are only read during this call.
+///
+/// `MESHSHM_ERR_INVALID_ARGUMENT` for a bad `options.struct_size`, a NULL or
+/// empty header name, or a NULL value with a non-zero length.
+///
+/// # Safety
+/// As `meshshm_client_call`; `options` is NULL or points to a
+/// `meshshm_call_options` as documented there.
+#[no_mangle]
+pub unsafe extern "C" fn meshshm_client_call_opts(
+    c: *mut meshshm_client,
+    service: *const c_char,
+    method: *const c_char,
+    body: *const c_void,
+    body_len: usize,
+    options: *const meshshm_call_options,
+    response: *mut meshshm_buffer,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller's promises, passed on (here and below).
+        let response = unsafe { out_arg(response, "response") }?;
+        *response = meshshm_buffer::EMPTY;
+        // SAFETY: as above.
+        let h = unsafe { handle(c) }?;
+        // SAFETY: as above.
+        let service = unsafe { str_arg(service, "service") }?;
+        // SAFETY: as above.
+        let method = unsafe { str_arg(method, "method") }?;
+        // SAFETY: as above.
+        let body = unsafe { bytes_arg(body, body_len) }?;
+        // SAFETY: as above.
+        let opts = unsafe { call_options(options) }?;
+        let bytes = invoke(h, service, method, body, &opts)?;
         *response = meshshm_buffer::from_vec(bytes);
         Ok(MESHSHM_OK)
     })

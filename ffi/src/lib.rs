@@ -47,17 +47,19 @@ mod asynch;
 mod buffer;
 mod client;
 mod error;
+mod options;
 mod server;
 
 use std::ffi::{c_char, c_int};
 
 pub use asynch::{
     meshshm_client_cancel, meshshm_client_fd, meshshm_client_poll, meshshm_client_send,
-    meshshm_completion, meshshm_completion_free,
+    meshshm_client_send_opts, meshshm_completion, meshshm_completion_free,
 };
 pub use buffer::{meshshm_buffer, meshshm_buffer_free};
 pub use client::{
-    meshshm_client, meshshm_client_call, meshshm_client_close, meshshm_client_connect,
+    meshshm_client, meshshm_client_call, meshshm_client_call_opts, meshshm_client_close,
+    meshshm_client_connect,
 };
 pub use error::{
     MESHSHM_ERR_CANCELLED, MESHSHM_ERR_CLOSED, MESHSHM_ERR_CONNECT, MESHSHM_ERR_INTERNAL,
@@ -65,9 +67,11 @@ pub use error::{
     MESHSHM_ERR_PROXY_GONE, MESHSHM_ERR_REJECTED, MESHSHM_ERR_STATUS, MESHSHM_ERR_SYSTEM,
     MESHSHM_ERR_TIMEOUT, MESHSHM_OK,
 };
+pub use options::{meshshm_call_options, meshshm_header, meshshm_headers, meshshm_headers_free};
 pub use server::{
     meshshm_request, meshshm_request_free, meshshm_server, meshshm_server_bind,
-    meshshm_server_close, meshshm_server_next, meshshm_server_reply, meshshm_server_reply_message,
+    meshshm_server_close, meshshm_server_is_cancelled, meshshm_server_next,
+    meshshm_server_next_with_headers, meshshm_server_reply, meshshm_server_reply_message,
 };
 
 /// The ABI major version: the `0` of the soname `libmeshshm.so.0`.

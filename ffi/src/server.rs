@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::args::{bytes_arg, out_arg, path_arg, str_arg, wait_timeout};
 use crate::buffer::{free_c_string, give_c_string, meshshm_buffer};
 use crate::error::{guard, guard_void, Fail, Res, MESHSHM_ERR_TIMEOUT, MESHSHM_OK};
+use crate::options::meshshm_headers;
 
 /// An app registered with the proxy as the handler of one service (opaque).
 ///
@@ -96,6 +97,24 @@ pub unsafe extern "C" fn meshshm_server_next(
     req: *mut meshshm_request,
     timeout_ms: i32,
 ) -> c_int {
+    // SAFETY: the caller's promises, passed on; NULL headers are not filled in.
+    unsafe { meshshm_server_next_with_headers(s, req, std::ptr::null_mut(), timeout_ms) }
+}
+
+/// As `meshshm_server_next`, and the request's headers in `*headers`
+/// (release them with `meshshm_headers_free`; `{ NULL, 0 }` when the caller
+/// sent none, and on an error). `headers` may be NULL: then this is
+/// `meshshm_server_next`. The request's priority is `req->priority`.
+///
+/// # Safety
+/// As `meshshm_server_next`; `headers` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn meshshm_server_next_with_headers(
+    s: *mut meshshm_server,
+    req: *mut meshshm_request,
+    headers: *mut meshshm_headers,
+    timeout_ms: i32,
+) -> c_int {
     guard(|| {
         // SAFETY: the caller's promises, passed on (here and below).
         let out = unsafe { out_arg(req, "req") }?;
@@ -107,6 +126,12 @@ pub unsafe extern "C" fn meshshm_server_next(
             timeout_ms: 0,
             priority: 0,
         };
+        // SAFETY: NULL is refused by `as_mut`; otherwise the caller promises
+        // a writable `meshshm_headers`.
+        let mut headers = unsafe { headers.as_mut() };
+        if let Some(h) = headers.as_deref_mut() {
+            *h = meshshm_headers::EMPTY;
+        }
         // SAFETY: as above.
         let s = unsafe { server(s) }?;
         let Some(r) = s.next(wait_timeout(timeout_ms))? else {
@@ -124,7 +149,35 @@ pub unsafe extern "C" fn meshshm_server_next(
             timeout_ms: left,
             priority: r.priority,
         };
+        if let Some(h) = headers {
+            *h = meshshm_headers::from_vec(r.headers);
+        }
         Ok(MESHSHM_OK)
+    })
+}
+
+/// Whether no one waits for the answer to request `request_id` any more:
+/// 1 if its caller stopped waiting (it timed out or went away, and the
+/// proxy sent a cancel), if it was answered already, or if this server never
+/// handed it out; 0 while the caller still waits; or a negative error code
+/// (`MESHSHM_ERR_PROTOCOL`, `MESHSHM_ERR_INVALID_ARGUMENT`, ...).
+///
+/// A handler doing long work can check now and then and give up: a reply to
+/// a cancelled request is dropped without being sent (and
+/// `meshshm_server_reply` still returns `MESHSHM_OK`). Never waits; may be
+/// called from any thread, also while another waits in `meshshm_server_next`.
+///
+/// # Safety
+/// `s` is a live server (or NULL).
+#[no_mangle]
+pub unsafe extern "C" fn meshshm_server_is_cancelled(
+    s: *mut meshshm_server,
+    request_id: u64,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller's promise.
+        let s = unsafe { server(s) }?;
+        Ok(c_int::from(s.is_cancelled(request_id)?))
     })
 }
 

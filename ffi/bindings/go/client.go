@@ -78,14 +78,18 @@ func Dial(socketPath string) (*Client, error) {
 //
 // A context that can never be cancelled (context.Background()) takes the
 // direct path: one blocking cgo call, no goroutine hop.
-func (cl *Client) Call(ctx context.Context, service, method string, body []byte) ([]byte, error) {
+//
+// Options add request headers and a priority:
+//
+//	cl.Call(ctx, "svc", "Get", body, meshshm.WithHeader("x-trace", id), meshshm.WithPriority(meshshm.PriorityHigh))
+func (cl *Client) Call(ctx context.Context, service, method string, body []byte, opts ...CallOption) ([]byte, error) {
 	if ctx.Done() == nil {
-		return cl.callBlocking(service, method, body, 0)
+		return cl.callBlocking(service, method, body, 0, opts)
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	return cl.callAsync(ctx, service, method, body)
+	return cl.callAsync(ctx, service, method, body, opts)
 }
 
 func timeoutMs(ctx context.Context) (C.uint32_t, bool) {
@@ -104,7 +108,7 @@ func timeoutMs(ctx context.Context) (C.uint32_t, bool) {
 	return C.uint32_t(ms), true
 }
 
-func (cl *Client) callBlocking(service, method string, body []byte, timeout C.uint32_t) ([]byte, error) {
+func (cl *Client) callBlocking(service, method string, body []byte, timeout C.uint32_t, opts []CallOption) ([]byte, error) {
 	cl.mu.RLock()
 	defer cl.mu.RUnlock()
 	if cl.closed {
@@ -113,7 +117,17 @@ func (cl *Client) callBlocking(service, method string, body []byte, timeout C.ui
 	var resp C.meshshm_buffer
 	var msg *C.char
 	var status C.uint32_t
-	rc := C.mshm_call(cl.c, cstr(service), cstr(method), bytesPtr(body), C.size_t(len(body)), timeout, &resp, &msg, &status)
+	var rc C.int
+	if len(opts) == 0 {
+		rc = C.mshm_call(cl.c, cstr(service), cstr(method), bytesPtr(body), C.size_t(len(body)), timeout, &resp, &msg, &status)
+	} else {
+		co, err := newCOptions(opts, timeout)
+		if err != nil {
+			return nil, err
+		}
+		rc = C.mshm_call_opts(cl.c, cstr(service), cstr(method), bytesPtr(body), C.size_t(len(body)), &co.o, &resp, &msg, &status)
+		co.free()
+	}
 	if rc < 0 {
 		return nil, cError(rc, msg, status)
 	}
@@ -209,7 +223,7 @@ func (cl *Client) deliver(d *C.meshshm_completion) {
 	ch <- result{err: makeError(d.result, C.GoString(d.error), uint32(d.status), body)}
 }
 
-func (cl *Client) callAsync(ctx context.Context, service, method string, body []byte) ([]byte, error) {
+func (cl *Client) callAsync(ctx context.Context, service, method string, body []byte, opts []CallOption) ([]byte, error) {
 	timeout, ok := timeoutMs(ctx)
 	if !ok {
 		return nil, context.DeadlineExceeded
@@ -232,8 +246,23 @@ func (cl *Client) callAsync(ctx context.Context, service, method string, body []
 	var callID C.uint64_t
 	var msg *C.char
 	var status C.uint32_t
-	rc := C.mshm_send(cl.c, cstr(service), cstr(method), bytesPtr(body), C.size_t(len(body)), timeout,
-		C.uint64_t(uid), &callID, &msg, &status)
+	var rc C.int
+	if len(opts) == 0 {
+		rc = C.mshm_send(cl.c, cstr(service), cstr(method), bytesPtr(body), C.size_t(len(body)), timeout,
+			C.uint64_t(uid), &callID, &msg, &status)
+	} else {
+		co, err := newCOptions(opts, timeout)
+		if err != nil {
+			cl.mu.RUnlock()
+			cl.pendMu.Lock()
+			delete(cl.pending, uid)
+			cl.pendMu.Unlock()
+			return nil, err
+		}
+		rc = C.mshm_send_opts(cl.c, cstr(service), cstr(method), bytesPtr(body), C.size_t(len(body)), &co.o,
+			C.uint64_t(uid), &callID, &msg, &status)
+		co.free() // the library copied what it needs
+	}
 	cl.mu.RUnlock()
 	if rc < 0 {
 		cl.pendMu.Lock()

@@ -111,4 +111,3 @@ func cError(rc C.int, msg *C.char, status C.uint32_t) error {
 	defer C.free(unsafe.Pointer(msg))
 	return makeError(rc, C.GoString(msg), uint32(status), nil)
 }
-

@@ -247,3 +247,152 @@ func TestLibraryVersion(t *testing.T) {
 		t.Fatal(LibraryVersion())
 	}
 }
+
+// describe answers with what reached the server: "priority|name=value|...".
+func describe(_ context.Context, r *Request) ([]byte, error) {
+	out := []byte(fmt.Sprint(r.Priority))
+	for _, h := range r.Headers {
+		out = append(append(append(append(out, '|'), h.Name...), '='), h.Value...)
+	}
+	return out, nil
+}
+
+func TestHeadersAndPriorityReachTheServer(t *testing.T) {
+	srv, err := Bind(sock, "go-describe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ctx, describe) }()
+	c := dial(t)
+	for _, tc := range []struct {
+		name string
+		ctx  context.Context
+		opts []CallOption
+		want string
+	}{
+		{"blocking, high, two headers", context.Background(),
+			[]CallOption{WithPriority(PriorityHigh), WithHeader("x-trace", []byte("abc")), WithHeader("x-bin", []byte("a\x00b"))},
+			"2|x-trace=abc|x-bin=a\x00b"},
+		{"deadline (async path), low", ctxFor(t, 5*time.Second),
+			[]CallOption{WithPriority(PriorityLow), WithHeaders(Header{"k", nil}, Header{"k", []byte("v")})},
+			"0|k=|k=v"},
+		{"no options: normal", context.Background(), nil, "1"},
+		{"no options, deadline: normal", ctxFor(t, 5*time.Second), nil, "1"},
+	} {
+		got, err := c.Call(tc.ctx, "go-describe", "M", nil, tc.opts...)
+		if err != nil || string(got) != tc.want {
+			t.Errorf("%s: %v %q, want %q", tc.name, err, got, tc.want)
+		}
+	}
+	if _, err := c.Call(context.Background(), "go-describe", "M", nil, WithHeader("", []byte("v"))); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("an empty header name: %#v", err)
+	}
+	if _, err := c.Call(ctxFor(t, 5*time.Second), "go-describe", "M", nil, WithHeader("a\x00b", nil)); !errors.Is(err, ErrInvalidArgument) {
+		t.Errorf("a NUL in a header name: %#v", err)
+	}
+	stop()
+	if err := <-served; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRequestHeaderAccessor(t *testing.T) {
+	srv, err := Bind(sock, "go-hdr")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	c := dial(t)
+	answer := make(chan error, 1)
+	go func() {
+		_, err := c.Call(ctxFor(t, 5*time.Second), "go-hdr", "M", nil, WithHeader("a", []byte("1")), WithHeader("a", []byte("2")))
+		answer <- err
+	}()
+	req, err := srv.Next(ctxFor(t, 5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, ok := req.Header("a"); !ok || string(v) != "1" || len(req.Headers) != 2 {
+		t.Errorf("headers %+v", req.Headers)
+	}
+	if _, ok := req.Header("b"); ok {
+		t.Error("a header that was not sent")
+	}
+	if req.Priority != PriorityNormal {
+		t.Errorf("priority %d", req.Priority)
+	}
+	if err := srv.Reply(req.ID, StatusOK, "", []byte("ok")); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-answer; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestIsCancelledAfterTheCallerTimesOut(t *testing.T) {
+	srv, err := Bind(sock, "go-hold")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	if cancelled, err := srv.IsCancelled(987654321); err != nil || !cancelled {
+		t.Fatalf("an id never handed out: %v %v", cancelled, err)
+	}
+	c := dial(t)
+	slow := make(chan error, 1)
+	go func() {
+		_, err := c.Call(ctxFor(t, time.Second), "go-hold", "Slow", nil)
+		slow <- err
+	}()
+	req, err := srv.Next(ctxFor(t, 5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cancelled, err := srv.IsCancelled(req.ID); err != nil || cancelled {
+		t.Fatalf("while the caller waits: %v %v", cancelled, err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	cancelled := false
+	for !cancelled && time.Now().Before(deadline) {
+		if cancelled, err = srv.IsCancelled(req.ID); err != nil {
+			t.Fatal(err)
+		}
+		if !cancelled {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if !cancelled {
+		t.Fatal("not cancelled 10 s after the caller's 1 s timeout")
+	}
+	if err := <-slow; !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the caller: %#v", err)
+	}
+	if err := srv.Reply(req.ID, StatusOK, "", []byte("late")); err != nil { // dropped, not an error
+		t.Fatal(err)
+	}
+
+	fast := make(chan []byte, 1)
+	go func() {
+		b, _ := c.Call(ctxFor(t, 5*time.Second), "go-hold", "Fast", nil)
+		fast <- b
+	}()
+	req, err = srv.Next(ctxFor(t, 5*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cancelled, _ := srv.IsCancelled(req.ID); cancelled {
+		t.Fatal("cancelled while the caller waits")
+	}
+	if err := srv.Reply(req.ID, StatusOK, "", []byte("ok")); err != nil {
+		t.Fatal(err)
+	}
+	if cancelled, _ := srv.IsCancelled(req.ID); !cancelled {
+		t.Fatal("not cancelled once answered")
+	}
+	if b := <-fast; string(b) != "ok" {
+		t.Fatalf("%q", b)
+	}
+}

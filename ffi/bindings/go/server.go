@@ -20,7 +20,18 @@ type Request struct {
 	Method   string
 	Body     []byte
 	Timeout  time.Duration // time left to answer at delivery; 0: no deadline
-	Priority uint8
+	Priority uint8         // PriorityLow (0), PriorityNormal (1), PriorityHigh (2+)
+	Headers  []Header      // request headers, in order
+}
+
+// Header is the value of the first request header called name (case-sensitive).
+func (r *Request) Header(name string) ([]byte, bool) {
+	for _, h := range r.Headers {
+		if h.Name == name {
+			return h.Value, true
+		}
+	}
+	return nil, false
 }
 
 // Server is registered with the proxy as the handler of one service. Next
@@ -57,6 +68,7 @@ const slice = 200 * time.Millisecond
 // ctx.Err()). A proxy that goes away gives ErrProxyGone.
 func (s *Server) Next(ctx context.Context) (*Request, error) {
 	var req C.meshshm_request
+	var hs C.meshshm_headers
 	for {
 		if err := ctx.Err(); err != nil {
 			return nil, err
@@ -75,7 +87,7 @@ func (s *Server) Next(ctx context.Context) (*Request, error) {
 		}
 		var msg *C.char
 		var status C.uint32_t
-		rc := C.mshm_next(s.s, &req, C.int32_t(wait/time.Millisecond), &msg, &status)
+		rc := C.mshm_next_headers(s.s, &req, &hs, C.int32_t(wait/time.Millisecond), &msg, &status)
 		s.mu.RUnlock()
 		if rc == C.MESHSHM_ERR_TIMEOUT {
 			C.free(unsafe.Pointer(msg))
@@ -92,7 +104,15 @@ func (s *Server) Next(ctx context.Context) (*Request, error) {
 			Timeout:  time.Duration(req.timeout_ms) * time.Millisecond,
 			Priority: uint8(req.priority),
 		}
+		if hs.len > 0 {
+			items := unsafe.Slice(hs.data, int(hs.len))
+			r.Headers = make([]Header, len(items))
+			for i, h := range items {
+				r.Headers[i] = Header{Name: C.GoString(h.name), Value: C.GoBytes(unsafe.Pointer(h.value), C.int(h.value_len))}
+			}
+		}
 		C.meshshm_request_free(&req)
+		C.meshshm_headers_free(&hs)
 		return r, nil
 	}
 }
@@ -115,6 +135,25 @@ func (s *Server) Reply(id uint64, status uint32, message string, body []byte) er
 		return cError(rc, msg, st)
 	}
 	return nil
+}
+
+// IsCancelled reports whether no one waits for the answer to request id any
+// more: its caller timed out or went away (the proxy sent a cancel), or it
+// was answered already. A long handler can check now and then and give up;
+// a Reply to such a request is dropped. It never waits.
+func (s *Server) IsCancelled(id uint64) (bool, error) {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.closed {
+		return false, &Error{Code: codeClosed, Message: "the server is closed"}
+	}
+	var msg *C.char
+	var st C.uint32_t
+	rc := C.mshm_is_cancelled(s.s, C.uint64_t(id), &msg, &st)
+	if rc < 0 {
+		return false, cError(rc, msg, st)
+	}
+	return rc == 1, nil
 }
 
 // Handler answers a request: a body, or an error. A *StatusError answers

@@ -362,6 +362,150 @@ static int test_async(void) {
     return 0;
 }
 
+/* A server that answers each request with what reached it:
+ * "<priority>|<name>=<value>|<name>=<value>..." (values copied as bytes). */
+static void *serve_describe(void *p) {
+    struct serve_args *a = p;
+    for (int served = 0; served < a->count; served++) {
+        meshshm_request req;
+        meshshm_headers hs = {(meshshm_header *)0x1, 9};
+        int rc = meshshm_server_next_with_headers(a->server, &req, &hs, 5000);
+        if (rc != MESHSHM_OK) break;
+        char out[1024];
+        size_t n = (size_t)snprintf(out, sizeof out, "%u", (unsigned)req.priority);
+        for (size_t i = 0; i < hs.len; i++) {
+            const meshshm_header *h = &hs.data[i];
+            size_t nl = strlen(h->name);
+            if (n + nl + h->value_len + 2 > sizeof out) break;
+            out[n++] = '|';
+            memcpy(out + n, h->name, nl);
+            n += nl;
+            out[n++] = '=';
+            if (h->value_len) memcpy(out + n, h->value, h->value_len);
+            n += h->value_len;
+        }
+        meshshm_server_reply(a->server, req.id, 0, out, n);
+        meshshm_headers_free(&hs);
+        meshshm_headers_free(&hs); /* twice is harmless */
+        meshshm_request_free(&req);
+    }
+    return NULL;
+}
+
+static int test_call_options(void) {
+    meshshm_server *s;
+    CHECK(meshshm_server_bind(sock, "c-describe", &s) == MESHSHM_OK);
+    struct serve_args a = {s, 4};
+    pthread_t t;
+    pthread_create(&t, NULL, serve_describe, &a);
+    meshshm_client *c;
+    CHECK(meshshm_client_connect(sock, &c) == MESHSHM_OK);
+
+    /* blocking: two headers (one binary, with a NUL) and high priority */
+    meshshm_header hs[] = {{"x-trace", (const uint8_t *)"abc", 3},
+                           {"x-bin", (const uint8_t *)"a\0b", 3}};
+    meshshm_call_options o = MESHSHM_CALL_OPTIONS_INIT;
+    CHECK(o.struct_size == sizeof o && o.priority == 1 && o.timeout_ms == 0);
+    o.timeout_ms = 5000;
+    o.priority = 2;
+    o.headers = hs;
+    o.headers_len = 2;
+    meshshm_buffer r;
+    CHECK(meshshm_client_call_opts(c, "c-describe", "M", "x", 1, &o, &r) == MESHSHM_OK);
+    const char want[] = "2|x-trace=abc|x-bin=a\0b";
+    CHECK(r.len == sizeof want - 1 && memcmp(r.data, want, r.len) == 0);
+    meshshm_buffer_free(&r);
+
+    /* NULL options: normal priority, no headers */
+    CHECK(meshshm_client_call_opts(c, "c-describe", "M", NULL, 0, NULL, &r) == MESHSHM_OK);
+    CHECK(r.len == 1 && memcmp(r.data, "1", 1) == 0);
+    meshshm_buffer_free(&r);
+
+    /* the plain call: normal priority */
+    CHECK(meshshm_client_call(c, "c-describe", "M", NULL, 0, 5000, &r) == MESHSHM_OK);
+    CHECK(r.len == 1 && memcmp(r.data, "1", 1) == 0);
+    meshshm_buffer_free(&r);
+
+    /* asynchronous: low priority, one header */
+    meshshm_call_options lo = MESHSHM_CALL_OPTIONS_INIT;
+    lo.priority = 0;
+    lo.timeout_ms = 5000;
+    lo.headers = hs;
+    lo.headers_len = 1;
+    CHECK(meshshm_client_send_opts(c, "c-describe", "M", NULL, 0, &lo, 42, NULL) == MESHSHM_OK);
+    meshshm_completion done;
+    CHECK(meshshm_client_poll(c, &done, 1, 5000) == 1);
+    CHECK(done.user_data == 42 && done.result == MESHSHM_OK);
+    CHECK(done.body.len == 13 && memcmp(done.body.data, "0|x-trace=abc", 13) == 0);
+    meshshm_completion_free(&done);
+
+    /* bad options are refused before anything is sent */
+    meshshm_call_options bad = MESHSHM_CALL_OPTIONS_INIT;
+    bad.struct_size = 4;
+    CHECK(meshshm_client_call_opts(c, "c-describe", "M", NULL, 0, &bad, &r) == MESHSHM_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(meshshm_last_error(), "struct_size") != NULL);
+    meshshm_header null_name[] = {{NULL, NULL, 0}};
+    bad = (meshshm_call_options)MESHSHM_CALL_OPTIONS_INIT;
+    bad.headers = null_name;
+    bad.headers_len = 1;
+    CHECK(meshshm_client_send_opts(c, "c-describe", "M", NULL, 0, &bad, 0, NULL) == MESHSHM_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(meshshm_last_error(), "headers[0].name is NULL") != NULL);
+    bad.headers = NULL;
+    CHECK(meshshm_client_call_opts(c, "c-describe", "M", NULL, 0, &bad, &r) == MESHSHM_ERR_INVALID_ARGUMENT);
+
+    pthread_join(t, NULL);
+    meshshm_client_close(c);
+    meshshm_server_close(s);
+    return 0;
+}
+
+static int test_is_cancelled(void) {
+    meshshm_server *s;
+    CHECK(meshshm_server_bind(sock, "c-hold", &s) == MESHSHM_OK);
+    CHECK(meshshm_server_is_cancelled(NULL, 1) == MESHSHM_ERR_INVALID_ARGUMENT);
+    CHECK(meshshm_server_is_cancelled(s, 123456789) == 1); /* never handed out */
+    meshshm_client *c;
+    CHECK(meshshm_client_connect(sock, &c) == MESHSHM_OK);
+
+    /* the caller gives up after 1 s; the server holds the request */
+    meshshm_call_options o = MESHSHM_CALL_OPTIONS_INIT;
+    o.timeout_ms = 1000;
+    CHECK(meshshm_client_send_opts(c, "c-hold", "Slow", NULL, 0, &o, 1, NULL) == MESHSHM_OK);
+    meshshm_request req;
+    CHECK(meshshm_server_next(s, &req, 5000) == MESHSHM_OK);
+    CHECK(meshshm_server_is_cancelled(s, req.id) == 0); /* the caller still waits */
+    int cancelled = 0;
+    for (int i = 0; i < 500 && !cancelled; i++) { /* up to 10 s */
+        int rc = meshshm_server_is_cancelled(s, req.id);
+        CHECK(rc == 0 || rc == 1);
+        cancelled = rc;
+        if (!cancelled) sleep_ms(20);
+    }
+    CHECK(cancelled == 1);
+    meshshm_completion done;
+    CHECK(meshshm_client_poll(c, &done, 1, 5000) == 1);
+    CHECK(done.user_data == 1 && done.result == MESHSHM_ERR_TIMEOUT);
+    meshshm_completion_free(&done);
+    /* a reply to it is dropped, not an error */
+    CHECK(meshshm_server_reply(s, req.id, 0, "late", 4) == MESHSHM_OK);
+    meshshm_request_free(&req);
+
+    /* an answered request counts as cancelled too */
+    CHECK(meshshm_client_send(c, "c-hold", "Fast", NULL, 0, 5000, 2, NULL) == MESHSHM_OK);
+    CHECK(meshshm_server_next(s, &req, 5000) == MESHSHM_OK);
+    CHECK(meshshm_server_is_cancelled(s, req.id) == 0);
+    CHECK(meshshm_server_reply(s, req.id, 0, "ok", 2) == MESHSHM_OK);
+    CHECK(meshshm_server_is_cancelled(s, req.id) == 1);
+    CHECK(meshshm_client_poll(c, &done, 1, 5000) == 1);
+    CHECK(done.user_data == 2 && done.result == MESHSHM_OK);
+    CHECK(done.body.len == 2 && memcmp(done.body.data, "ok", 2) == 0);
+    meshshm_completion_free(&done);
+    meshshm_request_free(&req);
+    meshshm_client_close(c);
+    meshshm_server_close(s);
+    return 0;
+}
+
 /* A watchdog: a hung test must not hang the suite. */
 static void *watchdog(void *p) {
     (void)p;
@@ -392,6 +536,8 @@ int main(void) {
         {"timeout", test_timeout},
         {"concurrent_threads", test_concurrent_threads},
         {"async", test_async},
+        {"call_options", test_call_options},
+        {"is_cancelled", test_is_cancelled},
     };
     int passed = 0, failed = 0;
     for (size_t i = 0; i < sizeof tests / sizeof *tests; i++) {

@@ -6,6 +6,11 @@
 //     meshshm::buffer reply = client.call("echo", "Echo", "hi", std::chrono::seconds(1));
 //     std::string_view text = reply.view();                // no copy
 //
+// Headers and priority: client.call(service, method, body, meshshm::call_options()
+//     .with_timeout(1s).with_priority(meshshm::priority::high).header("x-trace", "abc"));
+// a server reads req->headers(), req->header(name), req->priority(), and asks
+// srv.is_cancelled(*req) whether the caller still waits.
+//
 // Errors are exceptions derived from meshshm::error (code() is the C code):
 // connect_error, timeout_error, status_error (status()), proxy_gone_error, ...
 //
@@ -128,6 +133,53 @@ private:
     std::size_t size_ = 0;
 };
 
+/// Call priorities (call_options::priority): low is shed first under overload.
+namespace priority {
+constexpr std::uint8_t low = 0, normal = 1, high = 2;
+}  // namespace priority
+
+/// How a call is made besides service, method and body: timeout, priority
+/// and request headers (a value is bytes, held in a std::string).
+///
+///     client.call("svc", "M", body, meshshm::call_options()
+///                                       .with_timeout(std::chrono::seconds(1))
+///                                       .with_priority(meshshm::priority::high)
+///                                       .header("x-trace", "abc"));
+struct call_options {
+    /// Give up (and cancel) after this long; zero or negative: no timeout.
+    std::chrono::milliseconds timeout = std::chrono::seconds(30);
+    /// priority::low (0), normal (1), high (2 and up).
+    std::uint8_t priority = priority::normal;
+    /// Request headers, in order (a name may repeat).
+    std::vector<std::pair<std::string, std::string>> headers;
+
+    call_options &with_timeout(std::chrono::milliseconds t) { timeout = t; return *this; }
+    call_options &with_priority(std::uint8_t p) { priority = p; return *this; }
+    call_options &header(std::string name, bytes_view value) {
+        headers.emplace_back(std::move(name), std::string(static_cast<const char *>(value.data()), value.size()));
+        return *this;
+    }
+};
+
+namespace detail {
+/// The C view of call_options; points into opts (and hs), valid while they live.
+inline meshshm_call_options c_options(const call_options &opts, std::vector<meshshm_header> &hs) {
+    hs.clear();
+    hs.reserve(opts.headers.size());
+    for (const auto &h : opts.headers) {
+        if (h.first.find('\0') != std::string::npos)
+            throw invalid_argument_error(MESHSHM_ERR_INVALID_ARGUMENT, "header name contains a NUL character");
+        hs.push_back(meshshm_header{h.first.c_str(), reinterpret_cast<const std::uint8_t *>(h.second.data()), h.second.size()});
+    }
+    meshshm_call_options o = MESHSHM_CALL_OPTIONS_INIT;
+    o.timeout_ms = to_ms(opts.timeout);
+    o.priority = opts.priority;
+    o.headers = hs.empty() ? nullptr : hs.data();
+    o.headers_len = hs.size();
+    return o;
+}
+}  // namespace detail
+
 /// Bytes owned by libmeshshm (a response body), freed on destruction. Move-only.
 class buffer {
 public:
@@ -209,6 +261,27 @@ public:
         return buffer(out);
     }
 
+    /// As call(), with headers, a priority and the timeout in opts.
+    buffer call(std::string_view service, std::string_view method, bytes_view body, const call_options &opts) const {
+        std::string s(service), m(method);
+        std::vector<meshshm_header> hs;
+        meshshm_call_options o = detail::c_options(opts, hs);
+        meshshm_buffer out{nullptr, 0};
+        detail::check(meshshm_client_call_opts(c_, s.c_str(), m.c_str(), body.data(), body.size(), &o, &out));
+        return buffer(out);
+    }
+
+    /// As send(), with headers, a priority and the timeout in opts.
+    std::uint64_t send(std::string_view service, std::string_view method, bytes_view body, std::uint64_t user_data,
+                       const call_options &opts) const {
+        std::string s(service), m(method);
+        std::vector<meshshm_header> hs;
+        meshshm_call_options o = detail::c_options(opts, hs);
+        std::uint64_t id = 0;
+        detail::check(meshshm_client_send_opts(c_, s.c_str(), m.c_str(), body.data(), body.size(), &o, user_data, &id));
+        return id;
+    }
+
     /// Start a call without waiting; returns its call id. Its completion
     /// (carrying user_data) comes from poll().
     std::uint64_t send(std::string_view service, std::string_view method, bytes_view body, std::uint64_t user_data,
@@ -261,21 +334,27 @@ private:
     meshshm_client *c_;
 };
 
-/// A request delivered to a server; owns its strings and body. Move-only.
+/// A request delivered to a server; owns its strings, body and headers. Move-only.
 class request {
 public:
-    request() noexcept : r_{} {}
-    request(request &&o) noexcept : r_(std::exchange(o.r_, meshshm_request{})) {}
+    request() noexcept : r_{}, h_{nullptr, 0} {}
+    request(request &&o) noexcept
+        : r_(std::exchange(o.r_, meshshm_request{})), h_(std::exchange(o.h_, meshshm_headers{nullptr, 0})) {}
     request &operator=(request &&o) noexcept {
         if (this != &o) {
             meshshm_request_free(&r_);
+            meshshm_headers_free(&h_);
             r_ = std::exchange(o.r_, meshshm_request{});
+            h_ = std::exchange(o.h_, meshshm_headers{nullptr, 0});
         }
         return *this;
     }
     request(const request &) = delete;
     request &operator=(const request &) = delete;
-    ~request() { meshshm_request_free(&r_); }
+    ~request() {
+        meshshm_request_free(&r_);
+        meshshm_headers_free(&h_);
+    }
 
     std::uint64_t id() const noexcept { return r_.id; }
     std::string_view service() const noexcept { return r_.service ? r_.service : ""; }
@@ -285,12 +364,31 @@ public:
     }
     /// Time left to answer at delivery (0: the caller set no deadline).
     std::chrono::milliseconds timeout() const noexcept { return std::chrono::milliseconds(r_.timeout_ms); }
+    /// priority::low (0), normal (1), high (2 and up), as the caller set it.
     std::uint8_t priority() const noexcept { return r_.priority; }
+    /// The request headers in order, as (name, value) views valid while the request lives.
+    std::vector<std::pair<std::string_view, std::string_view>> headers() const {
+        std::vector<std::pair<std::string_view, std::string_view>> out;
+        out.reserve(h_.len);
+        for (std::size_t i = 0; i < h_.len; i++) out.emplace_back(h_.data[i].name, value_of(h_.data[i]));
+        return out;
+    }
+    /// The value of the first header named name (case-sensitive), if any.
+    std::optional<std::string_view> header(std::string_view name) const noexcept {
+        for (std::size_t i = 0; i < h_.len; i++)
+            if (name == h_.data[i].name) return value_of(h_.data[i]);
+        return std::nullopt;
+    }
 
     meshshm_request *native() noexcept { return &r_; }
+    meshshm_headers *native_headers() noexcept { return &h_; }
 
 private:
+    static std::string_view value_of(const meshshm_header &h) noexcept {
+        return h.value_len ? std::string_view(reinterpret_cast<const char *>(h.value), h.value_len) : std::string_view();
+    }
     meshshm_request r_;
+    meshshm_headers h_;
 };
 
 /// Registered with the proxy as the handler of one service. Move-only.
@@ -320,7 +418,7 @@ public:
     std::optional<request> next(std::chrono::milliseconds timeout = std::chrono::milliseconds(-1)) const {
         request r;
         auto ms = timeout.count() < 0 ? -1 : static_cast<std::int32_t>(std::min<long long>(timeout.count(), INT32_MAX));
-        int rc = meshshm_server_next(s_, r.native(), ms);
+        int rc = meshshm_server_next_with_headers(s_, r.native(), r.native_headers(), ms);
         if (rc == MESHSHM_ERR_TIMEOUT) return std::nullopt;
         detail::check(rc);
         return r;
@@ -335,6 +433,12 @@ public:
     void reply(const request &r, bytes_view body, std::uint32_t st = status::ok, std::string_view message = {}) const {
         reply(r.id(), body, st, message);
     }
+
+    /// Whether no one waits for the answer to request id any more (its caller
+    /// timed out or went away, or it was answered): a long handler can check
+    /// now and then and give up; a reply to such a request is dropped. Never waits.
+    bool is_cancelled(std::uint64_t id) const { return detail::check(meshshm_server_is_cancelled(s_, id)) == 1; }
+    bool is_cancelled(const request &r) const { return is_cancelled(r.id()); }
 
     meshshm_server *native_handle() const noexcept { return s_; }
 

@@ -214,4 +214,67 @@ TEST(Server, CppServerCppClient) {
     EXPECT_FALSE(srv.next(10ms).has_value());
 }
 
+TEST(Server, HeadersAndPriorityReachTheServer) {
+    auto srv = meshshm::server::bind("cpp-describe", g_sock);
+    // Answers "<priority>|name=value|..." with what reached the server.
+    std::thread t([&] {
+        for (int n = 0; n < 3; n++) {
+            auto req = srv.next(5s);
+            if (!req) return;
+            std::string out = std::to_string(req->priority());
+            for (auto [k, v] : req->headers()) out += "|" + std::string(k) + "=" + std::string(v);
+            if (auto tr = req->header("x-trace")) out += "|first x-trace=" + std::string(*tr);
+            srv.reply(*req, out);
+        }
+    });
+    auto c = meshshm::client::connect(g_sock);
+    using namespace std::string_literals;
+    auto opts = meshshm::call_options()
+                    .with_timeout(5s)
+                    .with_priority(meshshm::priority::high)
+                    .header("x-trace", "abc")
+                    .header("x-bin", "a\0b"s);
+    EXPECT_EQ(c.call("cpp-describe", "M", "x", opts).view(), "2|x-trace=abc|x-bin=a\0b|first x-trace=abc"s);
+    EXPECT_EQ(c.call("cpp-describe", "M", "x").view(), "1");  // the plain call: normal priority
+    c.send("cpp-describe", "M", {}, 5, meshshm::call_options().with_priority(meshshm::priority::low).header("k", "v"));
+    auto done = c.poll(1, 10s);
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].user_data, 5u);
+    EXPECT_EQ(done[0].take().view(), "0|k=v");
+    t.join();
+    EXPECT_THROW(c.call("cpp-describe", "M", {}, meshshm::call_options().header("", "v")),
+                 meshshm::invalid_argument_error);
+    EXPECT_THROW(c.call("cpp-describe", "M", {}, meshshm::call_options().header("a\0b"s, "v")),
+                 meshshm::invalid_argument_error);
+}
+
+TEST(Server, IsCancelledAfterTheCallerTimesOut) {
+    auto srv = meshshm::server::bind("cpp-hold", g_sock);
+    EXPECT_TRUE(srv.is_cancelled(987654321));  // never handed out
+    auto c = meshshm::client::connect(g_sock);
+    c.send("cpp-hold", "Slow", {}, 1, meshshm::call_options().with_timeout(1s));
+    auto req = srv.next(5s);
+    ASSERT_TRUE(req.has_value());
+    EXPECT_FALSE(srv.is_cancelled(*req));  // the caller still waits
+    auto until = std::chrono::steady_clock::now() + 10s;
+    bool cancelled = false;
+    while (!(cancelled = srv.is_cancelled(*req)) && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(20ms);
+    EXPECT_TRUE(cancelled);
+    auto done = c.poll(1, 10s);
+    ASSERT_EQ(done.size(), 1u);
+    EXPECT_EQ(done[0].result, MESHSHM_ERR_TIMEOUT);
+    srv.reply(*req, "late");  // dropped, not an error
+
+    c.send("cpp-hold", "Fast", {}, 2);
+    auto r2 = srv.next(5s);
+    ASSERT_TRUE(r2.has_value());
+    EXPECT_FALSE(srv.is_cancelled(*r2));
+    srv.reply(*r2, "ok");
+    EXPECT_TRUE(srv.is_cancelled(*r2));  // answered
+    auto d2 = c.poll(1, 10s);
+    ASSERT_EQ(d2.size(), 1u);
+    EXPECT_EQ(d2[0].take().view(), "ok");
+}
+
 TEST(Library, Version) { EXPECT_EQ(meshshm::version(), "0.1.0"); }

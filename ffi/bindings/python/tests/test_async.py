@@ -56,3 +56,22 @@ def test_async_with_python_server(proxy):
             t.join(5)
 
     run(main())
+
+
+def test_async_headers_and_priority(proxy):
+    server = meshshm.Server("py-async-describe", proxy.socket)
+    t = server.serve_in_thread(lambda r: b"%d|" % r.priority + b",".join(k.encode() + b"=" + v for k, v in r.headers))
+
+    async def main():
+        async with await meshshm.AsyncClient.connect(proxy.socket) as c:
+            got = await c.call(
+                "py-async-describe", "M", timeout=5, headers={"x-a": "1", "x-b": b"\0"}, priority=meshshm.PRIORITY_LOW
+            )
+            assert got == b"0|x-a=1,x-b=\0"
+            assert await c.call("py-async-describe", "M") == b"1|"
+
+    try:
+        run(main())
+    finally:
+        server.close()
+        t.join(5)

@@ -75,3 +75,93 @@ def test_server_close_stops_serving(proxy):
     s.close()
     t.join(5)
     assert not t.is_alive()
+
+
+def describe(req: meshshm.Request) -> bytes:
+    """What reached the server: b"<priority>|name=value|..."."""
+    return b"|".join([b"%d" % req.priority] + [k.encode() + b"=" + v for k, v in req.headers])
+
+
+@pytest.fixture
+def describe_server(proxy):
+    with meshshm.Server("py-describe", proxy.socket) as s:
+        t = s.serve_in_thread(describe)
+        yield s
+        s.stop()
+        t.join(5)
+
+
+def test_headers_and_priority_reach_the_server(describe_server, client):
+    got = client.call(
+        "py-describe",
+        "M",
+        b"x",
+        timeout=5,
+        headers=[("x-trace", "abc"), ("x-bin", b"a\0b"), ("x-trace", bytearray(b"2"))],
+        priority=meshshm.PRIORITY_HIGH,
+    )
+    assert got == b"2|x-trace=abc|x-bin=a\0b|x-trace=2"
+    assert client.call("py-describe", "M", headers={"k": b""}, priority=meshshm.PRIORITY_LOW) == b"0|k="
+    assert client.call("py-describe", "M") == b"1"  # the plain call: normal priority, no headers
+    with pytest.raises(meshshm.InvalidArgument):
+        client.call("py-describe", "M", headers={"": b"v"})
+    with pytest.raises(ValueError):
+        client.call("py-describe", "M", priority=256)
+    with pytest.raises(ValueError):
+        client.call("py-describe", "M", headers={"a\0b": b""})
+
+
+def test_request_header_accessor(proxy, client):
+    import threading
+
+    with meshshm.Server("py-hdr", proxy.socket) as s:
+        out = {}
+        t = threading.Thread(
+            target=lambda: out.setdefault("r", client.call("py-hdr", "M", headers=[("a", "1"), ("a", "2")]))
+        )
+        t.start()
+        req = s.next(timeout=5)
+        assert req is not None
+        assert req.headers == (("a", b"1"), ("a", b"2"))
+        assert req.header("a") == b"1" and req.header("b") is None
+        assert req.priority == meshshm.PRIORITY_NORMAL
+        s.reply(req, b"ok")
+        t.join(5)
+        assert out["r"] == b"ok"
+
+
+def test_is_cancelled_after_the_caller_times_out(proxy, client):
+    import threading
+    import time
+
+    with meshshm.Server("py-hold", proxy.socket) as s:
+        assert s.is_cancelled(987654321)  # never handed out
+        errors = []
+
+        def call():
+            try:
+                client.call("py-hold", "Slow", timeout=1.0)
+            except meshshm.Timeout as e:
+                errors.append(e)
+
+        t = threading.Thread(target=call)
+        t.start()
+        req = s.next(timeout=5)
+        assert req is not None
+        assert not s.is_cancelled(req)  # the caller still waits
+        deadline = time.monotonic() + 10
+        while not s.is_cancelled(req) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert s.is_cancelled(req.id)
+        t.join(10)
+        assert len(errors) == 1  # the caller timed out
+        s.reply(req, b"late")  # dropped, not an error
+
+        t = threading.Thread(target=lambda: errors.append(client.call("py-hold", "Fast", timeout=5)))
+        t.start()
+        req = s.next(timeout=5)
+        assert req is not None and not s.is_cancelled(req)
+        s.reply(req, b"ok")
+        assert s.is_cancelled(req)  # answered
+        t.join(5)
+        assert errors[-1] == b"ok"

@@ -17,7 +17,7 @@ the library is looked for)::
 
 from . import _lib
 from .aio import AsyncClient
-from .client import DEFAULT_TIMEOUT, Client
+from .client import DEFAULT_TIMEOUT, PRIORITY_HIGH, PRIORITY_LOW, PRIORITY_NORMAL, Client
 from .errors import (
     Cancelled,
     Closed,
@@ -65,6 +65,9 @@ __all__ = [
     "InvalidArgument",
     "MeshshmError",
     "NotInFlight",
+    "PRIORITY_HIGH",
+    "PRIORITY_LOW",
+    "PRIORITY_NORMAL",
     "ProtocolError",
     "ProxyGone",
     "Rejected",

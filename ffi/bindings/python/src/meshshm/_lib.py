@@ -64,6 +64,30 @@ class Completion(Structure):
     ]
 
 
+class Header(Structure):
+    """``meshshm_header``: ``{ const char *name; const uint8_t *value; size_t value_len; }``."""
+
+    _fields_ = [("name", c_char_p), ("value", c_void_p), ("value_len", c_size_t)]
+
+
+class Headers(Structure):
+    """``meshshm_headers``: ``{ meshshm_header *data; size_t len; }`` (owned by the library)."""
+
+    _fields_ = [("data", POINTER(Header)), ("len", c_size_t)]
+
+
+class CallOptions(Structure):
+    """``meshshm_call_options`` (``struct_size`` first: set it to ``ctypes.sizeof(CallOptions)``)."""
+
+    _fields_ = [
+        ("struct_size", c_size_t),
+        ("timeout_ms", c_uint32),
+        ("priority", c_uint8),
+        ("headers", POINTER(Header)),
+        ("headers_len", c_size_t),
+    ]
+
+
 def _candidates():
     env = os.environ.get("MESHSHM_LIB")
     if env:
@@ -141,6 +165,29 @@ client_send = _fn(
     c_uint64,
     POINTER(c_uint64),
 )
+client_call_opts = _fn(
+    "meshshm_client_call_opts",
+    c_int,
+    client_p,
+    c_char_p,
+    c_char_p,
+    c_char_p,
+    c_size_t,
+    POINTER(CallOptions),
+    POINTER(Buffer),
+)
+client_send_opts = _fn(
+    "meshshm_client_send_opts",
+    c_int,
+    client_p,
+    c_char_p,
+    c_char_p,
+    c_char_p,
+    c_size_t,
+    POINTER(CallOptions),
+    c_uint64,
+    POINTER(c_uint64),
+)
 client_cancel = _fn("meshshm_client_cancel", c_int, client_p, c_uint64)
 client_fd = _fn("meshshm_client_fd", c_int, client_p)
 client_poll = _fn("meshshm_client_poll", c_int, client_p, POINTER(Completion), c_size_t, c_int32)
@@ -148,11 +195,29 @@ completion_free = _fn("meshshm_completion_free", None, POINTER(Completion))
 
 server_bind = _fn("meshshm_server_bind", c_int, c_char_p, c_char_p, POINTER(server_p))
 server_next = _fn("meshshm_server_next", c_int, server_p, POINTER(Request), c_int32)
+server_next_with_headers = _fn(
+    "meshshm_server_next_with_headers", c_int, server_p, POINTER(Request), POINTER(Headers), c_int32
+)
+server_is_cancelled = _fn("meshshm_server_is_cancelled", c_int, server_p, c_uint64)
+headers_free = _fn("meshshm_headers_free", None, POINTER(Headers))
 server_reply_message = _fn(
     "meshshm_server_reply_message", c_int, server_p, c_uint64, c_int32, c_char_p, c_char_p, c_size_t
 )
 request_free = _fn("meshshm_request_free", None, POINTER(Request))
 server_close = _fn("meshshm_server_close", None, server_p)
+
+
+def take_headers(h: Headers) -> tuple:
+    """Copy library headers into ``((name, value), ...)`` and free them."""
+    try:
+        out = []
+        for i in range(h.len):
+            item = h.data[i]
+            value = ctypes.string_at(item.value, item.value_len) if item.value_len else b""
+            out.append((item.name.decode("utf-8", "replace"), value))
+        return tuple(out)
+    finally:
+        headers_free(ctypes.byref(h))
 
 
 def take_buffer(b: Buffer) -> bytes:

@@ -15,7 +15,7 @@ import os
 from typing import Dict, Optional, Union
 
 from . import _lib
-from .client import DEFAULT_TIMEOUT, BytesLike, Client, _bytes, _timeout_ms
+from .client import DEFAULT_TIMEOUT, BytesLike, Client, HeadersLike, _bytes, _options
 from .errors import Closed, check, error_from
 
 _BATCH = 64
@@ -90,10 +90,15 @@ class AsyncClient:
         method: str,
         body: BytesLike = b"",
         timeout: Optional[float] = DEFAULT_TIMEOUT,
+        *,
+        headers: Optional[HeadersLike] = None,
+        priority: Optional[int] = None,
     ) -> bytes:
-        """As :meth:`meshshm.Client.call`, awaitable; cancelling the task cancels the call."""
+        """As :meth:`meshshm.Client.call` (``headers``, ``priority`` too),
+        awaitable; cancelling the task cancels the call."""
         self._watch()
         data = _bytes(body)
+        opts, _keep = _options(timeout, headers, priority)
         uid = next(self._ids)
         fut = self._loop.create_future()
         call_id = ctypes.c_uint64()
@@ -101,13 +106,13 @@ class AsyncClient:
         try:
             with self._client._h as ptr:
                 check(
-                    _lib.client_send(
+                    _lib.client_send_opts(
                         ptr,
                         service.encode(),
                         method.encode(),
                         data,
                         len(data),
-                        _timeout_ms(timeout),
+                        ctypes.byref(opts),
                         uid,
                         ctypes.byref(call_id),
                     )

@@ -31,7 +31,14 @@ class Request:
     body: bytes
     #: seconds left for the answer when the request was delivered (None: no deadline)
     timeout: Optional[float]
+    #: 0 low, 1 normal, 2+ high, as the caller set it
     priority: int
+    #: the request headers in order, as ``(name, value)`` pairs (values are bytes)
+    headers: Tuple[Tuple[str, bytes], ...] = ()
+
+    def header(self, name: str) -> Optional[bytes]:
+        """The value of the first header called ``name`` (case-sensitive), or ``None``."""
+        return next((v for k, v in self.headers if k == name), None)
 
 
 class Server:
@@ -59,6 +66,7 @@ class Server:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         req = _lib.Request()
+        hdrs = _lib.Headers()
         while not self._stop.is_set():
             slice_ms = _SLICE_MS
             if deadline is not None:
@@ -69,7 +77,7 @@ class Server:
             except Exception:
                 return None
             try:
-                rc = _lib.server_next(ptr, ctypes.byref(req), slice_ms)
+                rc = _lib.server_next_with_headers(ptr, ctypes.byref(req), ctypes.byref(hdrs), slice_ms)
                 if rc == ERR_TIMEOUT:
                     if deadline is not None and time.monotonic() >= deadline:
                         return None
@@ -85,9 +93,11 @@ class Server:
                     body=ctypes.string_at(req.body.data, req.body.len) if req.body.len else b"",
                     timeout=req.timeout_ms / 1000 if req.timeout_ms else None,
                     priority=req.priority,
+                    headers=_lib.take_headers(hdrs),
                 )
             finally:
                 _lib.request_free(ctypes.byref(req))
+                _lib.headers_free(ctypes.byref(hdrs))
         return None
 
     def reply(
@@ -106,6 +116,15 @@ class Server:
                     ptr, rid, status, None if message is None else message.encode(), data, len(data)
                 )
             )
+
+    def is_cancelled(self, request: Union[Request, int]) -> bool:
+        """Whether no one waits for the answer to ``request`` (or a request id)
+        any more: its caller timed out or went away, or it was answered
+        already. A long handler can check now and then and give up; a reply
+        to such a request is dropped. Never waits."""
+        rid = request.id if isinstance(request, Request) else int(request)
+        with self._h as ptr:
+            return check(_lib.server_is_cancelled(ptr, rid)) == 1
 
     def serve(self, handler: Callable[[Request], HandlerResult]) -> None:
         """Answer requests with ``handler`` until :meth:`stop` or :meth:`close`.

@@ -98,10 +98,50 @@ public final class Client implements AutoCloseable {
     }
 
     /**
+     * Call {@code service}/{@code method} with {@code body}, the headers, priority and timeout of
+     * {@code options} ({@code null}: the defaults), and wait for the response body. Throws as
+     * {@link #call(String, String, byte[], Duration)}. (Not an overload of {@code call}, so that
+     * {@code call(s, m, b, null)} keeps meaning "no timeout".)
+     */
+    public byte[] callWith(String service, String method, byte[] body, CallOptions options) {
+        byte[] svc = Native.cstr(service);
+        byte[] m = Native.cstr(method);
+        byte[] b = body == null ? new byte[0] : body;
+        Memory opts = (options == null ? new CallOptions() : options).toNative();
+        Memory resp = RESPONSE.get();
+        Pointer c = guard.enter();
+        try {
+            Native.check(Native.meshshm_client_call_opts(c, svc, m, b, b.length, opts, resp));
+        } finally {
+            guard.exit();
+            java.lang.ref.Reference.reachabilityFence(opts);
+        }
+        try {
+            long len = resp.getLong(8);
+            return len == 0 ? new byte[0] : resp.getPointer(0).getByteArray(0, Math.toIntExact(len));
+        } finally {
+            Native.meshshm_buffer_free(resp);
+        }
+    }
+
+    /**
      * Start a call without waiting; the future completes with the response body or a {@link
      * MeshshmException}. Cancelling the future cancels the call.
      */
     public CompletableFuture<byte[]> callAsync(String service, String method, byte[] body, Duration timeout) {
+        return start(service, method, body, null, timeout);
+    }
+
+    /**
+     * {@link #callAsync(String, String, byte[], Duration)} with the headers, priority and timeout
+     * of {@code options} ({@code null}: the defaults).
+     */
+    public CompletableFuture<byte[]> callAsyncWith(String service, String method, byte[] body, CallOptions options) {
+        return start(service, method, body, options == null ? new CallOptions() : options, null);
+    }
+
+    private CompletableFuture<byte[]> start(
+            String service, String method, byte[] body, CallOptions options, Duration timeout) {
         byte[] svc = Native.cstr(service);
         byte[] m = Native.cstr(method);
         byte[] b = body == null ? new byte[0] : body;
@@ -110,14 +150,19 @@ public final class Client implements AutoCloseable {
         CompletableFuture<byte[]> fut = new CompletableFuture<>();
         pending.put(uid, fut);
         LongByReference callId = new LongByReference();
+        Memory opts = options == null ? null : options.toNative();
+        int ms = options == null ? millis(timeout) : 0;
         Pointer c = guard.enter();
         try {
-            Native.check(Native.meshshm_client_send(c, svc, m, b, b.length, millis(timeout), uid, callId));
+            Native.check(opts == null
+                    ? Native.meshshm_client_send(c, svc, m, b, b.length, ms, uid, callId)
+                    : Native.meshshm_client_send_opts(c, svc, m, b, b.length, opts, uid, callId));
         } catch (RuntimeException e) {
             pending.remove(uid);
             throw e;
         } finally {
             guard.exit();
+            java.lang.ref.Reference.reachabilityFence(opts);
         }
         long id = callId.getValue();
         fut.whenComplete((r, e) -> {

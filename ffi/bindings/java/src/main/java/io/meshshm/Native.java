@@ -77,6 +77,26 @@ final class Native {
         public byte priority;
     }
 
+    /** {@code meshshm_headers}: {@code { meshshm_header *data; size_t len; }}, owned by the library. */
+    @Structure.FieldOrder({"data", "len"})
+    public static class Headers extends Structure {
+        public Pointer data;
+        public long len;
+
+        /** A copy of the headers ({@code meshshm_header}: name, value, value_len; 24 bytes each). */
+        java.util.List<io.meshshm.Header> toList() {
+            java.util.List<io.meshshm.Header> out = new ArrayList<>((int) len);
+            for (long i = 0; i < len; i++) {
+                long at = i * CallOptions.HEADER_SIZE;
+                Pointer name = data.getPointer(at);
+                Pointer value = data.getPointer(at + 8);
+                long n = data.getLong(at + 16);
+                out.add(new io.meshshm.Header(str(name), n == 0 ? new byte[0] : value.getByteArray(0, Math.toIntExact(n))));
+            }
+            return java.util.List.copyOf(out);
+        }
+    }
+
     /** {@code meshshm_completion}. */
     @Structure.FieldOrder({"user_data", "call_id", "result", "status", "body", "error"})
     public static class Completion extends Structure {
@@ -123,6 +143,9 @@ final class Native {
     static native int meshshm_client_call(
             Pointer c, byte[] service, byte[] method, byte[] body, long bodyLen, int timeoutMs, Pointer response);
 
+    static native int meshshm_client_call_opts(
+            Pointer c, byte[] service, byte[] method, byte[] body, long bodyLen, Pointer options, Pointer response);
+
     static native void meshshm_client_close(Pointer c);
 
     static native int meshshm_client_send(
@@ -132,6 +155,16 @@ final class Native {
             byte[] body,
             long bodyLen,
             int timeoutMs,
+            long userData,
+            LongByReference callId);
+
+    static native int meshshm_client_send_opts(
+            Pointer c,
+            byte[] service,
+            byte[] method,
+            byte[] body,
+            long bodyLen,
+            Pointer options,
             long userData,
             LongByReference callId);
 
@@ -146,6 +179,12 @@ final class Native {
     static native int meshshm_server_bind(byte[] socketPath, byte[] service, PointerByReference out);
 
     static native int meshshm_server_next(Pointer s, Request req, int timeoutMs);
+
+    static native int meshshm_server_next_with_headers(Pointer s, Request req, Headers headers, int timeoutMs);
+
+    static native void meshshm_headers_free(Headers h);
+
+    static native int meshshm_server_is_cancelled(Pointer s, long requestId);
 
     static native int meshshm_server_reply_message(
             Pointer s, long requestId, int status, byte[] message, byte[] body, long len);

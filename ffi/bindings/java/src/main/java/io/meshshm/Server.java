@@ -55,6 +55,7 @@ public final class Server implements AutoCloseable {
     public Request next(Duration timeout) {
         long deadline = timeout == null ? Long.MAX_VALUE : System.nanoTime() + timeout.toNanos();
         Native.Request req = new Native.Request();
+        Native.Headers headers = new Native.Headers();
         while (!stopped) {
             long leftMs = timeout == null ? SLICE_MS : (deadline - System.nanoTime()) / 1_000_000;
             int slice = (int) Math.max(0, Math.min(SLICE_MS, leftMs));
@@ -66,7 +67,7 @@ public final class Server implements AutoCloseable {
             }
             int rc;
             try {
-                rc = Native.meshshm_server_next(s, req, slice);
+                rc = Native.meshshm_server_next_with_headers(s, req, headers, slice);
             } finally {
                 guard.exit();
             }
@@ -84,9 +85,11 @@ public final class Server implements AutoCloseable {
                         Native.str(req.method),
                         req.body.bytes(),
                         req.timeout_ms == 0 ? null : Duration.ofMillis(Integer.toUnsignedLong(req.timeout_ms)),
-                        req.priority & 0xff);
+                        req.priority & 0xff,
+                        headers.len == 0 ? java.util.List.of() : headers.toList());
             } finally {
                 Native.meshshm_request_free(req);
+                Native.meshshm_headers_free(headers);
             }
         }
         return null;
@@ -102,6 +105,25 @@ public final class Server implements AutoCloseable {
         } finally {
             guard.exit();
         }
+    }
+
+    /**
+     * Whether no one waits for the answer to request {@code id} any more: its caller timed out or
+     * went away (the proxy sent a cancel), or it was answered already. A long handler can check now
+     * and then and give up; a reply to such a request is dropped. Never waits; any thread.
+     */
+    public boolean isCancelled(long id) {
+        Pointer s = guard.enter();
+        try {
+            return Native.check(Native.meshshm_server_is_cancelled(s, id)) == 1;
+        } finally {
+            guard.exit();
+        }
+    }
+
+    /** {@link #isCancelled(long)} of {@code req}. */
+    public boolean isCancelled(Request req) {
+        return isCancelled(req.id());
     }
 
     /** Answer {@code req} with {@code reply}. */

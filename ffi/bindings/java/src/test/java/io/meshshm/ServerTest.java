@@ -2,6 +2,8 @@ package io.meshshm;
 
 import static org.junit.jupiter.api.Assertions.assertArrayEquals;
 import static org.junit.jupiter.api.Assertions.assertEquals;
+import static org.junit.jupiter.api.Assertions.assertFalse;
+import static org.junit.jupiter.api.Assertions.assertInstanceOf;
 import static org.junit.jupiter.api.Assertions.assertNotNull;
 import static org.junit.jupiter.api.Assertions.assertNull;
 import static org.junit.jupiter.api.Assertions.assertThrows;
@@ -15,6 +17,7 @@ import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
 import java.util.concurrent.CompletableFuture;
+import java.util.concurrent.ExecutionException;
 import java.util.concurrent.TimeUnit;
 import org.junit.jupiter.api.AfterAll;
 import org.junit.jupiter.api.BeforeAll;
@@ -78,6 +81,85 @@ class ServerTest {
             assertNotNull(req.timeout());
             server.reply(req, Reply.ok(utf8("answer")));
             assertArrayEquals(utf8("answer"), answer.get(10, TimeUnit.SECONDS));
+        }
+    }
+
+    /** What reached the server: "priority|name=value|..." (values as UTF-8). */
+    static Reply describe(Request req) {
+        StringBuilder sb = new StringBuilder().append(req.priority());
+        for (Header h : req.headers()) {
+            sb.append('|').append(h.name()).append('=').append(h.text());
+        }
+        return Reply.ok(utf8(sb.toString()));
+    }
+
+    @Test
+    void headersAndPriorityReachTheServer() throws Exception {
+        try (Server server = Server.bind(proxy.socket, "java-describe");
+                Client client = Client.connect(proxy.socket)) {
+            Thread t = server.serveInBackground(ServerTest::describe);
+            CallOptions opts = new CallOptions()
+                    .timeout(Duration.ofSeconds(5))
+                    .priority(CallOptions.PRIORITY_HIGH)
+                    .header("x-trace", "abc")
+                    .header("x-bin", new byte[] {'a', 0, 'b'});
+            assertArrayEquals(utf8("2|x-trace=abc|x-bin=a\0b"), client.callWith("java-describe", "M", utf8("x"), opts));
+            assertArrayEquals(utf8("1"), client.call("java-describe", "M", null)); // plain call: normal
+            assertArrayEquals(utf8("1"), client.callWith("java-describe", "M", null, null)); // defaults
+            byte[] low = client.callAsyncWith("java-describe", "M", null,
+                            new CallOptions().priority(CallOptions.PRIORITY_LOW).header("k", ""))
+                    .get(10, TimeUnit.SECONDS);
+            assertArrayEquals(utf8("0|k="), low);
+            assertThrows(MeshshmException.InvalidArgument.class,
+                    () -> client.callWith("java-describe", "M", null, new CallOptions().header("", "v")));
+            assertThrows(MeshshmException.InvalidArgument.class, () -> new CallOptions().priority(256));
+            server.stop();
+            t.join(5000);
+        }
+    }
+
+    @Test
+    void requestHeaderAccessor() throws Exception {
+        try (Server server = Server.bind(proxy.socket, "java-hdr");
+                Client client = Client.connect(proxy.socket)) {
+            CompletableFuture<byte[]> answer = client.callAsyncWith("java-hdr", "M", null,
+                    new CallOptions().header("a", "1").header("a", "2"));
+            Request req = server.next(Duration.ofSeconds(5));
+            assertNotNull(req);
+            assertEquals(2, req.headers().size());
+            assertArrayEquals(utf8("1"), req.header("a"));
+            assertNull(req.header("b"));
+            assertEquals(CallOptions.PRIORITY_NORMAL, req.priority());
+            server.reply(req, Reply.ok(utf8("ok")));
+            assertArrayEquals(utf8("ok"), answer.get(10, TimeUnit.SECONDS));
+        }
+    }
+
+    @Test
+    void isCancelledAfterTheCallerTimesOut() throws Exception {
+        try (Server server = Server.bind(proxy.socket, "java-hold");
+                Client client = Client.connect(proxy.socket)) {
+            assertTrue(server.isCancelled(987654321L)); // never handed out
+            CompletableFuture<byte[]> slow = client.callAsync("java-hold", "Slow", null, Duration.ofSeconds(1));
+            Request req = server.next(Duration.ofSeconds(5));
+            assertNotNull(req);
+            assertFalse(server.isCancelled(req)); // the caller still waits
+            long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(10);
+            while (!server.isCancelled(req) && System.nanoTime() < deadline) {
+                Thread.sleep(20);
+            }
+            assertTrue(server.isCancelled(req.id()));
+            ExecutionException e = assertThrows(ExecutionException.class, () -> slow.get(10, TimeUnit.SECONDS));
+            assertInstanceOf(MeshshmException.Timeout.class, e.getCause());
+            server.reply(req, Reply.ok(utf8("late"))); // dropped, not an error
+
+            CompletableFuture<byte[]> fast = client.callAsync("java-hold", "Fast", null, Duration.ofSeconds(5));
+            Request r2 = server.next(Duration.ofSeconds(5));
+            assertNotNull(r2);
+            assertFalse(server.isCancelled(r2));
+            server.reply(r2, Reply.ok(utf8("ok")));
+            assertTrue(server.isCancelled(r2)); // answered
+            assertArrayEquals(utf8("ok"), fast.get(10, TimeUnit.SECONDS));
         }
     }
 
