@@ -26,6 +26,12 @@ pub enum Transport {
     /// shm through the proxy; neither spins: every wait is a doorbell
     #[value(name = "shm-block")]
     ShmBlock,
+    /// shm-block with the proxy's waiter forced to epoll (`--waiter epoll`)
+    #[value(name = "shm-block-epoll")]
+    ShmBlockEpoll,
+    /// shm-block with the proxy's waiter forced to io_uring (`--waiter io_uring`)
+    #[value(name = "shm-block-uring")]
+    ShmBlockUring,
     /// loopback TCP through the proxy, the same frames
     #[value(name = "tcp")]
     Tcp,
@@ -54,6 +60,8 @@ impl Transport {
         match self {
             Transport::ShmSpin => "shm-spin",
             Transport::ShmBlock => "shm-block",
+            Transport::ShmBlockEpoll => "shm-block-epoll",
+            Transport::ShmBlockUring => "shm-block-uring",
             Transport::Tcp => "tcp",
             Transport::Uds => "uds",
             Transport::RingFloor => "ring-floor",
@@ -64,6 +72,27 @@ impl Transport {
     /// Whether both sides spin before sleeping.
     pub fn spins(self) -> bool {
         matches!(self, Transport::ShmSpin | Transport::RingFloor)
+    }
+
+    /// Whether this is measured through a proxy.
+    pub fn via_proxy(self) -> bool {
+        matches!(
+            self,
+            Transport::ShmSpin
+                | Transport::ShmBlock
+                | Transport::ShmBlockEpoll
+                | Transport::ShmBlockUring
+                | Transport::Tcp
+        )
+    }
+
+    /// The proxy `--waiter` this transport forces, if any.
+    pub fn waiter(self) -> Option<&'static str> {
+        match self {
+            Transport::ShmBlockEpoll => Some("epoll"),
+            Transport::ShmBlockUring => Some("io_uring"),
+            _ => None,
+        }
     }
 }
 
@@ -90,11 +119,16 @@ pub struct Backend {
     spin: Spin,
     /// ring bytes per direction asked for (0: the proxy's default)
     ring: usize,
-    /// The shim's async client, made once and kept: dropping an shm
-    /// `AsyncClient` does not stop its reader thread (it stays blocked on
-    /// the doorbell, holding the session open), so one per cell would pile
-    /// up threads and sessions.
+    /// The shim's async client, made once and kept. Its connection's reader
+    /// is a task on the runtime that opened it; each many-in-flight cell
+    /// has a runtime of its own, so when a cell ends the connection ends
+    /// with it and the next cell's first call opens a new one (outside the
+    /// measured part: the warm-up comes first).
     async_shim: std::cell::OnceCell<AsyncClient>,
+    /// More shim async clients (sessions) for `--sessions`, kept likewise.
+    more_shims: std::cell::RefCell<Vec<AsyncClient>>,
+    /// Idle shm clients kept connected to the proxy (`--idle-sessions`).
+    _idle: Vec<Client>,
 }
 
 /// How to start the servers.
@@ -105,6 +139,10 @@ pub struct Setup<'a> {
     pub spin: Spin,
     /// ring bytes per direction (0: the proxy's default, 2 MiB)
     pub ring_size: usize,
+    /// `--waiter` for the proxies (None: the proxy's default)
+    pub waiter: Option<&'a str>,
+    /// idle shm sessions to open on each shm proxy before measuring
+    pub idle_sessions: usize,
 }
 
 const READY: Duration = Duration::from_secs(20);
@@ -123,7 +161,11 @@ impl Backend {
         };
         let log = o.dir.join(format!("{}.log", t.name()));
         match t {
-            Transport::ShmSpin | Transport::ShmBlock | Transport::Tcp => {
+            Transport::ShmSpin
+            | Transport::ShmBlock
+            | Transport::ShmBlockEpoll
+            | Transport::ShmBlockUring
+            | Transport::Tcp => {
                 let socket = o.dir.join(format!("{}.sock", t.name()));
                 let mut cmd = Command::new(&me);
                 cmd.args(["exec", "--parent", &parent, "--"])
@@ -135,6 +177,9 @@ impl Backend {
                     .arg("--threads")
                     .arg(o.proxy_threads.to_string())
                     .env("RUST_LOG", "warn");
+                if let Some(w) = t.waiter().or(o.waiter) {
+                    cmd.args(["--waiter", w]);
+                }
                 let name = format!("meshshm-proxy ({})", t.name());
                 let (proc, line) =
                     ServerProc::spawn(&name, cmd, log, "meshshm-proxy ready", READY)?;
@@ -143,14 +188,32 @@ impl Backend {
                     .find_map(|w| w.strip_prefix("tcp="))
                     .and_then(|a| a.parse().ok())
                     .ok_or_else(|| format!("{name}: no tcp= address in {line:?}"))?;
-                Ok(Backend {
+                let mut b = Backend {
                     transport: t,
                     proc,
                     kind: Kind::Proxy { socket, tcp },
                     spin,
                     ring: o.ring_size,
                     async_shim: Default::default(),
-                })
+                    more_shims: Default::default(),
+                    _idle: Vec::new(),
+                };
+                if t != Transport::Tcp {
+                    // Idle apps: connected, one call each, then quiet (their
+                    // sessions sleep on their doorbells in the proxy).
+                    for _ in 0..o.idle_sessions {
+                        let c = Client::with_options(ClientOptions {
+                            ring_size: 64 << 10,
+                            spin: 0,
+                            ..b.shim_options()
+                        })
+                        .map_err(|e| format!("idle session: {e}"))?;
+                        c.invoke(&Call::new(SERVICE, METHOD, b"idle"))
+                            .map_err(|e| format!("idle session: {e}"))?;
+                        b._idle.push(c);
+                    }
+                }
+                Ok(b)
             }
             Transport::Uds => {
                 let socket = o.dir.join("uds-echo.sock");
@@ -165,6 +228,8 @@ impl Backend {
                     spin,
                     ring: o.ring_size,
                     async_shim: Default::default(),
+                    more_shims: Default::default(),
+                    _idle: Vec::new(),
                 })
             }
             Transport::RingFloor | Transport::RingFloorBlock => {
@@ -190,6 +255,8 @@ impl Backend {
                     spin,
                     ring: o.ring_size,
                     async_shim: Default::default(),
+                    more_shims: Default::default(),
+                    _idle: Vec::new(),
                 })
             }
         }
@@ -254,6 +321,29 @@ impl Backend {
                 SyncConn::Floor(Box::new(FloorConn::open(ctl, &self.floor_opts())?))
             }
         })
+    }
+
+    /// `n` connections for many requests in flight: `n` shm sessions
+    /// through a proxy (`--sessions`); one connection for the others.
+    pub async fn async_conns(&self, n: usize) -> Result<Vec<AsyncConn>, String> {
+        let mut out = vec![self.async_conn().await?];
+        if !matches!(self.kind, Kind::Proxy { .. }) {
+            return Ok(out);
+        }
+        while self.more_shims.borrow().len() + 1 < n {
+            let c = AsyncClient::connect(self.shim_options())
+                .await
+                .map_err(|e| e.to_string())?;
+            self.more_shims.borrow_mut().push(c);
+        }
+        let more = self.more_shims.borrow();
+        out.extend(
+            more.iter()
+                .take(n.saturating_sub(1))
+                .cloned()
+                .map(AsyncConn::Shim),
+        );
+        Ok(out)
     }
 
     /// A connection for many requests in flight (tokio tasks).

@@ -88,6 +88,19 @@ pub struct Args {
     /// none with many (the client's threads and the server share all CPUs).
     #[arg(long, value_enum, default_value_t = Pin::Auto)]
     pin: Pin,
+    /// The proxies' shm waiter (`meshshm-proxy --waiter`: auto, io_uring,
+    /// epoll) [default: the proxy's]. shm-block-epoll and shm-block-uring
+    /// force theirs.
+    #[arg(long)]
+    waiter: Option<String>,
+    /// Idle shm sessions (connected apps that send nothing) opened on each
+    /// shm proxy before measuring.
+    #[arg(long, default_value_t = 0)]
+    idle_sessions: usize,
+    /// Many in flight: spread the requests over this many connections
+    /// (shm sessions; proxy transports only), instead of one.
+    #[arg(long, default_value_t = 1)]
+    sessions: usize,
     /// No progress line on stderr.
     #[arg(long)]
     no_progress: bool,
@@ -190,6 +203,7 @@ fn cells(a: &Args) -> Result<(Vec<Transport>, Vec<Cell>), String> {
                     count: a.count,
                     warmup,
                     rate: a.rate,
+                    sessions: a.sessions,
                 },
             });
         }
@@ -273,9 +287,7 @@ pub fn run(a: Args) -> std::process::ExitCode {
 
 fn compare(a: Args) -> Result<bool, String> {
     let (transports, cells) = cells(&a)?;
-    let needs_proxy = transports
-        .iter()
-        .any(|t| matches!(t, Transport::ShmSpin | Transport::ShmBlock | Transport::Tcp));
+    let needs_proxy = transports.iter().any(|t| t.via_proxy());
     let proxy = if needs_proxy {
         proxy_path(&a)?
     } else {
@@ -293,6 +305,8 @@ fn compare(a: Args) -> Result<bool, String> {
             server_us: a.server_spin_us,
         },
         ring_size: a.ring_size.unwrap_or(0),
+        waiter: a.waiter.as_deref(),
+        idle_sessions: a.idle_sessions,
     };
     let mut backends = Vec::new();
     for &t in &transports {

@@ -173,7 +173,7 @@ fn render_panel(s: &mut String, p: &Panel, x0: f64, y0: f64, series: &[&str]) {
 
 /// Render the plot of `recs`.
 pub fn svg(recs: &[Record], rate: f64) -> String {
-    let series: Vec<&str> = Transport::ALL
+    let series: Vec<&str> = <Transport as clap::ValueEnum>::value_variants()
         .iter()
         .map(|t| t.name())
         .filter(|n| recs.iter().any(|r| r.transport == *n))

@@ -43,6 +43,8 @@ pub struct Plan {
     pub mode: Mode,
     pub size: usize,
     pub concurrency: usize,
+    /// Connections (shm sessions) the requests in flight are spread over.
+    pub sessions: usize,
     /// measure this long (unless `count` is set)
     pub duration: Duration,
     /// measure this many requests instead
@@ -224,7 +226,7 @@ fn many(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         .map_err(|e| e.to_string())?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
-        let conn = backend.async_conn().await?;
+        let conns = backend.async_conns(plan.sessions.max(1)).await?;
         let st = Rc::new(Shared {
             phase: Cell::new(WARMUP),
             hist: RefCell::new(new_hist()),
@@ -237,7 +239,7 @@ fn many(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         let c = plan.concurrency;
         let mut tasks = Vec::with_capacity(c);
         for i in 0..c {
-            let (conn, st, size) = (conn.clone(), st.clone(), plan.size);
+            let (conn, st, size) = (conns[i % conns.len()].clone(), st.clone(), plan.size);
             let open = (plan.mode == Mode::Open).then(|| {
                 (
                     t0,
@@ -311,7 +313,7 @@ fn many(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         for t in tasks {
             let _ = t.await;
         }
-        drop(conn);
+        drop(conns);
         if let Some(e) = st.error.borrow_mut().take() {
             return Err(e);
         }

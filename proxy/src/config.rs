@@ -58,6 +58,15 @@ pub struct Listen {
     /// How long a new control connection may take to send its Hello.
     #[serde(default = "default_handshake_ms")]
     pub handshake_timeout_ms: u64,
+    /// Most shm sessions one uid may hold at once (0 = no limit of its
+    /// own; `shm.max_connections` still applies), so that one local user
+    /// cannot take every session of the proxy.
+    #[serde(default = "default_per_uid")]
+    pub max_sessions_per_uid: usize,
+}
+
+fn default_per_uid() -> usize {
+    512
 }
 
 fn default_mode() -> u32 {
@@ -111,6 +120,17 @@ pub struct Shm {
     pub spin_us: u64,
     pub max_connections: usize,
     pub max_in_flight: usize,
+    /// How sessions wait for doorbells: "auto" (io_uring when the kernel
+    /// and seccomp allow it, else epoll), "io_uring" or "epoll".
+    #[serde(default = "default_waiter")]
+    pub waiter: String,
+    /// io_uring waiter: shm driver threads (0 = runtime.threads).
+    #[serde(default)]
+    pub drivers: usize,
+}
+
+fn default_waiter() -> String {
+    "auto".into()
 }
 
 /// Where a service's requests go.
@@ -179,6 +199,12 @@ impl Config {
         pow2(self.shm.max_ring_size, "max_ring_size")?;
         if self.shm.max_message == 0 || self.shm.max_message > u32::MAX as u64 {
             return Err("shm.max_message must be in 1..4 GiB".into());
+        }
+        if !matches!(self.shm.waiter.as_str(), "auto" | "io_uring" | "epoll") {
+            return Err(format!(
+                "shm.waiter = {:?}: expected \"auto\", \"io_uring\" or \"epoll\"",
+                self.shm.waiter
+            ));
         }
         if self.runtime.threads == 0 {
             return Err("runtime.threads must be at least 1".into());
@@ -288,6 +314,23 @@ mod tests {
         assert!(Config::parse(&bad).unwrap_err().contains("allowed_uids"));
         let bad = format!("{DEFAULT}\n[access.call]\nbob = [\"echo\"]\n");
         assert!(Config::parse(&bad).unwrap_err().contains("access.call"));
+    }
+
+    #[test]
+    fn shm_waiter_is_checked() {
+        assert_eq!(Config::parse(DEFAULT).unwrap().shm.waiter, "auto");
+        for w in ["io_uring", "epoll"] {
+            let c = DEFAULT.replace("waiter = \"auto\"", &format!("waiter = \"{w}\""));
+            assert_eq!(Config::parse(&c).unwrap().shm.waiter, w);
+        }
+        let bad = DEFAULT.replace("waiter = \"auto\"", "waiter = \"kqueue\"");
+        assert!(Config::parse(&bad).unwrap_err().contains("shm.waiter"));
+        // Older files without the settings still parse (auto, drivers = 0).
+        let old = DEFAULT
+            .replace("waiter = \"auto\"\n", "")
+            .replace("drivers = 0\n", "");
+        let c = Config::parse(&old).unwrap();
+        assert_eq!((c.shm.waiter.as_str(), c.shm.drivers), ("auto", 0));
     }
 
     #[test]

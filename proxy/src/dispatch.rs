@@ -61,6 +61,9 @@ pub fn handle_request(
     if inflight.contains_key(&stream_id) {
         return Outcome::Reused;
     }
+    // When the request arrived: its latency (echo included) and deadline
+    // count from here. A vDSO clock read, no syscall.
+    let t0 = Instant::now();
     let m = match RequestMeta::decode(meta) {
         Ok(m) => m,
         Err(e) => {
@@ -87,8 +90,9 @@ pub fn handle_request(
         );
         return Outcome::Reply(r);
     } else {
-        sh.gov
-            .decide(&sh.router, peer, m.service, m.method, m.priority, m.headers)
+        sh.gov.decide(
+            &sh.router, peer, m.service, m.method, m.priority, m.headers, t0,
+        )
     };
     match decision {
         Decision::Echo => Outcome::Echo,
@@ -98,8 +102,8 @@ pub fn handle_request(
             &format!("no route for service {:?}", m.service),
         )),
         Decision::Forward(job) => {
-            let deadline = (m.timeout_ms > 0)
-                .then(|| Instant::now() + Duration::from_millis(m.timeout_ms as u64));
+            let deadline =
+                (m.timeout_ms > 0).then(|| t0 + Duration::from_millis(m.timeout_ms as u64));
             let done = done.clone();
             let (meta, body) = (meta.to_vec(), body.to_vec());
             let sh = sh.clone();

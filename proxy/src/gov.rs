@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,13 +156,66 @@ pub struct EndpointCfg {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityCfg {
-    /// Identity (Hello.service) → its token.
+    /// Identity (Hello.service) → its token (a string, or a table with an
+    /// expiry).
     #[serde(default)]
-    pub tokens: BTreeMap<String, String>,
-    /// A missing or invalid token: "deny" (default; the handshake is
-    /// refused) or "allow-degraded" (the session goes on without an identity).
+    pub tokens: BTreeMap<String, TokenCfg>,
+    /// A missing, expired or invalid token: "deny" (default; the handshake
+    /// is refused) or "allow-degraded" (the session goes on without an
+    /// identity).
     #[serde(default)]
     pub invalid_token: String,
+    /// Keys (at least 32 bytes each) of signed tokens (crate::token): a
+    /// token signed by any of them proves its identity until its expiry.
+    /// `meshshm-proxy token mint` signs with the first.
+    #[serde(default)]
+    pub signing_keys: Vec<String>,
+}
+
+/// One `[access.identity.tokens]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TokenCfg {
+    /// `name = "secret"`: valid until the configuration changes.
+    Static(String),
+    /// `name = { token = "secret", expires = 2027-01-31T00:00:00Z }`.
+    Expiring(ExpiringTokenCfg),
+}
+
+/// A static token with an expiry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiringTokenCfg {
+    pub token: String,
+    /// A TOML offset date-time (with `Z` or `+hh:mm`).
+    pub expires: toml::value::Datetime,
+}
+
+/// Unix seconds of an offset date-time.
+fn unix_secs(d: &toml::value::Datetime) -> Result<u64, String> {
+    let (Some(date), Some(time), Some(offset)) = (d.date, d.time, d.offset) else {
+        return Err(format!(
+            "expires = {d}: give a date, a time and an offset (e.g. 2027-01-31T00:00:00Z)"
+        ));
+    };
+    // Days from 1970-01-01 (proleptic Gregorian; H. Hinnant's days_from_civil).
+    let (m, dd) = (date.month as i64, date.day as i64);
+    let y = date.year as i64 - (m <= 2) as i64;
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + dd - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let off = match offset {
+        toml::value::Offset::Z => 0,
+        toml::value::Offset::Custom { minutes } => minutes as i64 * 60,
+    };
+    let secs = days * 86_400
+        + time.hour as i64 * 3600
+        + time.minute as i64 * 60
+        + time.second.unwrap_or(0) as i64
+        - off;
+    u64::try_from(secs).map_err(|_| format!("expires = {d}: before 1970"))
 }
 
 /// `[[access.rules]]`: who may call which services.
@@ -206,6 +259,19 @@ pub fn check(c: &Config) -> Result<(), String> {
             return Err(format!(
                 "access.identity.invalid_token = {o:?}: expected \"deny\" or \"allow-degraded\""
             ))
+        }
+    }
+    for (name, t) in &c.access.identity.tokens {
+        if let TokenCfg::Expiring(e) = t {
+            unix_secs(&e.expires).map_err(|x| format!("access.identity.tokens.{name}: {x}"))?;
+        }
+    }
+    for (i, k) in c.access.identity.signing_keys.iter().enumerate() {
+        if k.len() < crate::token::MIN_KEY_LEN {
+            return Err(format!(
+                "access.identity.signing_keys[{i}]: at least {} bytes (meshshm-proxy token keygen makes one)",
+                crate::token::MIN_KEY_LEN
+            ));
         }
     }
     for (i, r) in c.access.rules.iter().enumerate() {
@@ -332,6 +398,43 @@ pub struct Peer {
     pub identity: Option<String>,
     pub transport: Transport,
     sessions: Gauge,
+    /// Unix time at which `identity` stops counting (its token's expiry).
+    identity_until: Option<u64>,
+    /// The expiry was seen (and counted) during the session.
+    expired_seen: AtomicBool,
+}
+
+impl Peer {
+    /// The verified identity, while its token has not expired. Past the
+    /// expiry the session goes on without it (counted once, as
+    /// `reason="expired", action="dropped"`).
+    fn identity(&self, m: &Metrics) -> Option<&str> {
+        let id = self.identity.as_deref()?;
+        match self.identity_until {
+            Some(t) if crate::token::now_unix() >= t => {
+                if !self.expired_seen.swap(true, Ordering::Relaxed) {
+                    count_token_failure(m, "expired", "dropped");
+                    tracing::warn!(
+                        identity = id,
+                        uid = ?self.uid,
+                        "the session's token expired: its identity no longer counts \
+                         (the app must reconnect with a new token)"
+                    );
+                }
+                None
+            }
+            _ => Some(id),
+        }
+    }
+}
+
+fn count_token_failure(m: &Metrics, reason: &str, action: &str) {
+    m.token_failures
+        .get_or_create(&vec![
+            ("reason", reason.to_owned()),
+            ("action", action.to_owned()),
+        ])
+        .inc();
 }
 
 impl Drop for Peer {
@@ -452,11 +555,11 @@ impl Rule {
     fn covers_method(&self, m: &str) -> bool {
         self.methods.is_empty() || self.methods.iter().any(|x| x == m)
     }
-    fn allows(&self, p: &Peer) -> bool {
+    fn allows(&self, p: &Peer, m: &Metrics) -> bool {
         p.uid.is_some_and(|u| self.uids.contains(&u))
-            || p.identity
-                .as_deref()
-                .is_some_and(|i| self.identities.iter().any(|x| x == i || x == "*"))
+            || (!self.identities.is_empty()
+                && p.identity(m)
+                    .is_some_and(|i| self.identities.iter().any(|x| x == i || x == "*")))
     }
 }
 
@@ -608,8 +711,18 @@ impl Cluster {
         let floor = if floor == f64::MAX { 100.0 } else { floor };
         let ok = |e: &Endpoint| !any_live || live(e);
         if self.least_request {
-            let mut best = (0, f64::MAX);
-            for (i, e) in self.eps.iter().enumerate().filter(|(_, e)| ok(e)) {
+            // Ties (an idle cluster of equal weights) go round robin: the
+            // scan starts one endpoint further each time. Always starting
+            // at the first would send all traffic at low load to it, and
+            // leave the others unmeasured.
+            let k = self.eps.len();
+            let start = self.n.fetch_add(1, Ordering::Relaxed) as usize % k;
+            let mut best = (start, f64::MAX);
+            for i in (start..k).chain(0..start) {
+                let e = &self.eps[i];
+                if !ok(e) {
+                    continue;
+                }
                 let score =
                     (e.in_flight.load(Ordering::Relaxed) + 1) as f64 / self.effective(e, floor);
                 if score < best.1 {
@@ -688,7 +801,10 @@ struct Gov {
     policies: HashMap<String, Arc<Policy>>,
     /// For services without a section of their own ("*" section and rules).
     rest: Option<Arc<Policy>>,
-    tokens: HashMap<String, String>,
+    /// Identity → (static token, Unix expiry).
+    tokens: HashMap<String, (String, Option<u64>)>,
+    /// Keys of signed tokens (crate::token).
+    keys: Vec<ring::hmac::Key>,
     deny_bad_token: bool,
 }
 
@@ -789,36 +905,34 @@ impl Governor {
     /// The peer of a new shm session: checks the Hello's token.
     ///
     /// # Errors
-    /// A missing or invalid token where the configuration denies it.
+    /// A missing, expired or invalid token where the configuration denies it.
     pub fn peer_shm(&self, uid: u32, service: &str, token: &str) -> Result<Peer, String> {
         let gov = self.gov.load();
-        let identity = match gov.tokens.get(service) {
-            Some(t) if !t.is_empty() && ct_eq(t.as_bytes(), token.as_bytes()) => {
-                Some(service.to_owned())
-            }
-            None if token.is_empty() => None,
-            _ => {
+        let (identity, until) = match check_token(&gov, service, token) {
+            Ok(None) => (None, None),
+            Ok(Some(until)) => (Some(service.to_owned()), until),
+            Err(reason) => {
                 let action = if gov.deny_bad_token {
                     "deny"
                 } else {
                     "degraded"
                 };
-                self.metrics
-                    .token_failures
-                    .get_or_create(&vec![("action", action.to_owned())])
-                    .inc();
+                count_token_failure(&self.metrics, reason, action);
                 if gov.deny_bad_token {
-                    return Err(format!("missing or invalid token for identity {service:?}"));
+                    return Err(format!("{reason} token for identity {service:?}"));
                 }
                 tracing::warn!(
                     uid,
                     service,
-                    "missing or invalid token: session allowed without an identity (degraded)"
+                    reason,
+                    "bad token: session allowed without an identity (degraded)"
                 );
-                None
+                (None, None)
             }
         };
-        Ok(self.peer(Some(uid), identity, Transport::Shm))
+        let mut p = self.peer(Some(uid), identity, Transport::Shm);
+        p.identity_until = until;
+        Ok(p)
     }
 
     /// The peer of a session.
@@ -832,6 +946,8 @@ impl Governor {
             identity,
             transport: t,
             sessions,
+            identity_until: None,
+            expired_seen: AtomicBool::new(false),
         }
     }
 
@@ -842,6 +958,33 @@ impl Governor {
             .reloads
             .get_or_create(&vec![("result", r.to_owned())])
             .inc();
+    }
+}
+
+/// What the Hello's token proves: `Ok(None)` no identity claimed (no token,
+/// and none configured for the name), `Ok(Some(until))` the identity,
+/// until a Unix time or for good; `Err(reason)` missing, expired or invalid.
+fn check_token(gov: &Gov, service: &str, token: &str) -> Result<Option<Option<u64>>, &'static str> {
+    if let Some((t, exp)) = gov.tokens.get(service) {
+        if !t.is_empty() && ct_eq(t.as_bytes(), token.as_bytes()) {
+            return match exp {
+                Some(e) if *e <= crate::token::now_unix() => Err("expired"),
+                e => Ok(Some(*e)),
+            };
+        }
+    }
+    if !gov.keys.is_empty() && token.starts_with(crate::token::PREFIX) {
+        use crate::token::Verdict;
+        match crate::token::verify(&gov.keys, service, token, crate::token::now_unix()) {
+            Verdict::Valid(until) => return Ok(Some(Some(until))),
+            Verdict::Expired => return Err("expired"),
+            Verdict::Invalid => {}
+        }
+    }
+    match (gov.tokens.contains_key(service), token.is_empty()) {
+        (false, true) => Ok(None),
+        (true, true) => Err("missing"),
+        (_, false) => Err("invalid"),
     }
 }
 
@@ -1000,7 +1143,20 @@ fn build(cfg: &Config, tls: &Arc<crate::tls::Tls>, m: &Metrics) -> Gov {
             .identity
             .tokens
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| {
+                let t = match v {
+                    TokenCfg::Static(t) => (t.clone(), None),
+                    TokenCfg::Expiring(e) => (e.token.clone(), unix_secs(&e.expires).ok()),
+                };
+                (k.clone(), t)
+            })
+            .collect(),
+        keys: cfg
+            .access
+            .identity
+            .signing_keys
+            .iter()
+            .map(|k| crate::token::key(k))
             .collect(),
         deny_bad_token: cfg.access.identity.invalid_token != "allow-degraded",
     }
@@ -1028,6 +1184,8 @@ pub struct Job {
     dest: Option<Dest>,
     ep: Option<(Arc<Cluster>, usize)>,
     idempotent: bool,
+    /// When the request arrived (latency and the route timeout count from it).
+    t0: Instant,
     _guard: InFlightGuard,
 }
 
@@ -1062,6 +1220,7 @@ impl Governor {
         method: &str,
         priority: u8,
         headers: HeaderIter<'_>,
+        t0: Instant,
     ) -> Decision {
         let states = self.states.load();
         let owned;
@@ -1086,7 +1245,7 @@ impl Governor {
             for r in covering {
                 any = true;
                 enforce |= r.enforce;
-                if r.allows(peer) {
+                if r.allows(peer, m) {
                     allowed = true;
                     break;
                 }
@@ -1151,6 +1310,10 @@ impl Governor {
         };
         match route {
             Route::Echo => {
+                // Answered inline by the session: its latency is the time
+                // to decide, like a forwarded request's is the time to the
+                // upstream's answer.
+                st.t[peer.transport as usize].latency.observe(t0.elapsed());
                 st.count_status(m, peer.transport, status::OK);
                 return Decision::Echo;
             }
@@ -1169,12 +1332,16 @@ impl Governor {
                 1 => o.normal,
                 _ => o.max,
             };
-            let q = st.queue_ewma();
             let why = if n > limit {
                 Some("in-flight limit")
             } else if o.max_queue_us > 0.0
-                && ((priority == 0 && q > o.max_queue_us)
-                    || (priority == 1 && q > 2.0 * o.max_queue_us))
+                && priority < 2
+                && st.queue_ewma() > o.max_queue_us * (1 + priority) as f64
+                // Only while there is a queue: the EWMA is sampled by
+                // requests that waited, so without this check it would
+                // stay high, and shed, forever once traffic stopped going
+                // through.
+                && pol.and_then(|p| p.concurrency.as_ref()).is_some_and(|c| c.available_permits() == 0)
             {
                 Some("queueing time")
             } else if o.shed_cpu > 0.0
@@ -1202,6 +1369,7 @@ impl Governor {
             dest,
             ep,
             idempotent,
+            t0,
             _guard: guard,
         };
         Decision::Forward(job)
@@ -1227,7 +1395,6 @@ impl Job {
         body: Vec<u8>,
         caller_deadline: Option<Instant>,
     ) -> Resp {
-        let t0 = Instant::now();
         let m = &router.gov.metrics;
         let Job {
             st,
@@ -1237,6 +1404,7 @@ impl Job {
             dest,
             mut ep,
             idempotent,
+            t0,
             _guard,
         } = self;
         let p = policy.as_deref();
@@ -1401,6 +1569,32 @@ mod tests {
                 format!("{}\n{extra}", crate::config::DEFAULT)
             };
             let e = Config::parse(&text).unwrap_err();
+            assert!(e.contains(want), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn token_expiry_parses_and_bad_identity_settings_are_refused() {
+        let dt = |s: &str| unix_secs(&s.parse::<toml::value::Datetime>().unwrap());
+        assert_eq!(dt("2027-01-31T00:00:00Z"), Ok(1_801_353_600));
+        assert_eq!(dt("2000-02-29T12:30:15+02:00"), Ok(951_820_215));
+        assert_eq!(dt("1970-01-01T00:00:00Z"), Ok(0));
+        assert!(dt("2027-01-31T00:00:00").is_err(), "no offset");
+        assert!(dt("2027-01-31").is_err(), "no time");
+        let ok = cfg("[access.identity]\nsigning_keys = [\"0123456789abcdef0123456789abcdef\"]\n\
+                      [access.identity.tokens]\na = \"x\"\nb = { token = \"y\", expires = 2027-01-31T00:00:00Z }\n");
+        assert!(ok.is_ok(), "{ok:?}");
+        for (extra, want) in [
+            (
+                "[access.identity]\nsigning_keys = [\"short\"]\n",
+                "signing_keys[0]",
+            ),
+            (
+                "[access.identity.tokens]\nb = { token = \"y\", expires = 2027-01-31T00:00:00 }\n",
+                "tokens.b",
+            ),
+        ] {
+            let e = cfg(extra).unwrap_err();
             assert!(e.contains(want), "{extra}: {e}");
         }
     }

@@ -1,9 +1,11 @@
 //! Listeners, connection limits, signals and shutdown.
 
+use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
@@ -128,6 +130,7 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
     let limit = Arc::new(Semaphore::new(sh.cfg.shm.max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let refused = AtomicU64::new(0);
+    let per_uid = PerUid::default();
     let ids = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
@@ -137,15 +140,35 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
             r = unix.accept() => match r {
                 Ok((s, _)) => {
                     let id = ids.fetch_add(1, Ordering::Relaxed);
-                    match limit.clone().try_acquire_owned() {
-                        Ok(permit) => {
+                    // The uid's own share first (no credentials: `serve`
+                    // refuses the connection itself).
+                    let uid = meshshm_proto::peer_credentials(s.as_fd()).ok().map(|c| c.uid);
+                    let share = uid.map(|u| per_uid.take(u, sh.cfg.listen.max_sessions_per_uid));
+                    match (share, limit.clone().try_acquire_owned()) {
+                        (Some(None), _) => {
+                            let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
+                            log_refusal(n, "a uid reached its session limit; refusing");
+                            if let Ok(p) = refusing.clone().try_acquire_owned() {
+                                let t = Duration::from_millis(sh.cfg.listen.handshake_timeout_ms.min(1000));
+                                let reason = format!(
+                                    "uid {} has reached its limit of {} sessions",
+                                    uid.unwrap_or_default(),
+                                    sh.cfg.listen.max_sessions_per_uid
+                                );
+                                sessions.spawn(async move {
+                                    crate::shm::refuse(s, &reason, t).await;
+                                    drop(p);
+                                });
+                            }
+                        }
+                        (share, Ok(permit)) => {
                             let (sh, stop) = (sh.clone(), stop_rx.clone());
                             sessions.spawn(async move {
                                 crate::shm::serve(sh, s, id, stop).await;
-                                drop(permit);
+                                drop((permit, share));
                             });
                         }
-                        Err(_) => {
+                        (_, Err(_)) => {
                             let n = refused.fetch_add(1, Ordering::Relaxed) + 1;
                             log_refusal(n, "connection limit reached; refusing");
                             // Answered with a Reject while few are; closed beyond.
@@ -214,4 +237,43 @@ pub async fn run(sh: Arc<Shared>) -> Result<(), String> {
     }
     tracing::info!("meshshm-proxy stopped");
     Ok(())
+}
+
+/// Sessions held per uid, for `listen.max_sessions_per_uid`.
+#[derive(Default, Clone)]
+struct PerUid(Arc<Mutex<HashMap<u32, usize>>>);
+
+/// One session of a uid; gives its place back when dropped.
+struct UidShare {
+    of: PerUid,
+    uid: u32,
+}
+
+impl PerUid {
+    /// A place for one more session of `uid`, if it has fewer than `max`
+    /// (0: no limit).
+    fn take(&self, uid: u32, max: usize) -> Option<UidShare> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(uid).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(UidShare {
+            of: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for UidShare {
+    fn drop(&mut self) {
+        let mut m = self.of.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
 }

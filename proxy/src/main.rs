@@ -12,6 +12,7 @@ mod admin;
 mod certs;
 mod config;
 mod dispatch;
+mod driver;
 mod gov;
 mod http;
 mod listen;
@@ -21,6 +22,7 @@ mod router;
 mod shm;
 mod tcp;
 mod tls;
+mod token;
 
 use config::Config;
 
@@ -31,6 +33,19 @@ pub struct Shared {
     pub tls: Arc<tls::Tls>,
     /// Governance: policies, access rules, clusters, metrics (reloadable).
     pub gov: gov::Governor,
+    /// The shm driver threads when shm sessions wait with io_uring
+    /// (`shm.waiter`); `None`: each session is a tokio task (epoll).
+    pub drivers: Option<driver::Drivers>,
+}
+
+/// Subcommands of `meshshm-proxy`.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Certs(certs::Command),
+    /// Signed identity tokens: make a signing key, mint a token (docs/GOVERNANCE.md).
+    #[command(subcommand)]
+    Token(token::TokenCmd),
 }
 
 /// meshshm sidecar proxy: serves services over shared memory and loopback TCP.
@@ -38,7 +53,7 @@ pub struct Shared {
 #[command(version, about)]
 struct Args {
     #[command(subcommand)]
-    command: Option<certs::Command>,
+    command: Option<Command>,
     /// TOML configuration file (default: the embedded configuration).
     #[arg(long, short)]
     config: Option<PathBuf>,
@@ -60,6 +75,9 @@ struct Args {
     /// Doorbell spin time in µs (overrides shm.spin_us).
     #[arg(long)]
     spin_us: Option<u64>,
+    /// How shm sessions wait for doorbells: "auto", "io_uring" or "epoll" (overrides shm.waiter).
+    #[arg(long)]
+    waiter: Option<String>,
     /// Segment backing: "memfd" or a tmpfs directory (overrides shm.backing).
     #[arg(long)]
     backing: Option<String>,
@@ -93,6 +111,9 @@ fn load(args: &Args) -> Result<Config, String> {
     if let Some(s) = args.spin_us {
         cfg.shm.spin_us = s;
     }
+    if let Some(w) = &args.waiter {
+        cfg.shm.waiter = w.clone();
+    }
     if let Some(b) = &args.backing {
         cfg.shm.backing = b.clone();
     }
@@ -108,8 +129,10 @@ fn load(args: &Args) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(certs::Command::Certs(a)) = &args.command {
-        return certs::run(a);
+    match &args.command {
+        Some(Command::Certs(certs::Command::Certs(a))) => return certs::run(a),
+        Some(Command::Token(t)) => return token::run(t, args.config.as_ref()),
+        None => {}
     }
     if args.print_default_config {
         print!("{}", config::DEFAULT);
@@ -152,7 +175,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let drivers = match shm::start_waiter(&cfg, rt.handle()) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("meshshm-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let shared = Arc::new(Shared {
+        drivers,
         router: router::Router::new(&cfg, &tls),
         gov: gov::Governor::new(&cfg, &tls),
         cfg,

@@ -55,15 +55,89 @@ impl TypedMetric for Hist {
 
 impl EncodeMetric for Hist {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut cum = 0;
+        // Per-bucket counts: the encoder makes them cumulative.
+        let mut total = 0;
         let mut b = Vec::with_capacity(BOUNDS_US.len() + 1);
         for (i, c) in self.0.buckets.iter().enumerate() {
-            cum += c.load(Ordering::Relaxed);
+            let n = c.load(Ordering::Relaxed);
+            total += n;
             let le = BOUNDS_US.get(i).map_or(f64::MAX, |&u| u as f64 / 1e6);
-            b.push((le, cum));
+            b.push((le, n));
         }
         let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, cum, &b, None)
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &b, None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Ring fill bucket upper bounds: the share of the ring's capacity in use
+/// (the last bucket is +Inf; 1.0 is a full ring).
+const FILL_BOUNDS: [f64; 9] = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
+
+/// How often a worker thread samples the rings of the session it services:
+/// every FILL_EVERY-th pass (no clock read, no shared counter).
+const FILL_EVERY: u32 = 64;
+
+thread_local! {
+    static FILL_TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether this pass of a session should sample its ring fill.
+pub fn fill_due() -> bool {
+    FILL_TICK.with(|c| {
+        let n = c.get().wrapping_add(1);
+        c.set(n);
+        n % FILL_EVERY == 0
+    })
+}
+
+/// A lock-free histogram of ring fill (share of capacity).
+#[derive(Clone, Default, Debug)]
+pub struct FillHist(Arc<FillInner>);
+
+#[derive(Default, Debug)]
+struct FillInner {
+    buckets: [AtomicU64; FILL_BOUNDS.len() + 1],
+    /// Sum of the samples, in millionths.
+    sum_ppm: AtomicU64,
+}
+
+impl FillHist {
+    pub fn observe(&self, used: usize, capacity: usize) {
+        let r = if capacity == 0 {
+            0.0
+        } else {
+            used as f64 / capacity as f64
+        };
+        let i = FILL_BOUNDS
+            .iter()
+            .position(|&b| r <= b)
+            .unwrap_or(FILL_BOUNDS.len());
+        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0
+            .sum_ppm
+            .fetch_add((r * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for FillHist {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for FillHist {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // Per-bucket counts: the encoder makes them cumulative.
+        let mut total = 0;
+        let mut b = Vec::with_capacity(FILL_BOUNDS.len() + 1);
+        for (i, c) in self.0.buckets.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            total += n;
+            b.push((FILL_BOUNDS.get(i).copied().unwrap_or(f64::MAX), n));
+        }
+        let sum = self.0.sum_ppm.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &b, None)
     }
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram
@@ -94,10 +168,21 @@ pub struct Metrics {
     /// The proxy's shm sessions woken by their doorbell (after sleeping).
     pub doorbell_wakeups: Counter,
     pub host_cpu: Gauge<f64, AtomicU64>,
+    /// Fill of the shm rings, app to proxy ("up") and proxy to app ("down").
+    pub ring_fill_up: FillHist,
+    pub ring_fill_down: FillHist,
+    ring_fill: Family<L, FillHist>,
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
+        let ring_fill: Family<L, FillHist> = Family::default();
+        let dir = |d: &str| {
+            ring_fill
+                .get_or_create(&vec![("direction", d.to_owned())])
+                .clone()
+        };
+        let (ring_fill_up, ring_fill_down) = (dir("up"), dir("down"));
         let m = Metrics {
             registry: Mutex::new(Registry::default()),
             requests: Family::default(),
@@ -120,6 +205,9 @@ impl Metrics {
             rss_bytes: Gauge::default(),
             doorbell_wakeups: Counter::default(),
             host_cpu: Gauge::default(),
+            ring_fill_up,
+            ring_fill_down,
+            ring_fill,
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -136,7 +224,8 @@ impl Metrics {
             );
             p.register(
                 "request_duration_seconds",
-                "Time from request to response for forwarded requests",
+                "Time from a request's arrival to its answer (forwarded: the upstream's; \
+                 echo: answered inline)",
                 m.latency.clone(),
             );
             p.register(
@@ -161,7 +250,9 @@ impl Metrics {
             );
             p.register(
                 "token_failures",
-                "Handshakes with a missing or invalid token (action=deny|degraded)",
+                "Tokens that did not prove their identity (reason=missing|invalid|expired; \
+                 action=deny: handshake refused, degraded: session without the identity, \
+                 dropped: a session's token expired)",
                 m.token_failures.clone(),
             );
             p.register("retries", "Retried upstream tries", m.retries.clone());
@@ -207,6 +298,12 @@ impl Metrics {
                 m.doorbell_wakeups.clone(),
             );
             p.register(
+                "ring_fill_ratio",
+                "Share of each shm ring in use, sampled when the proxy services a session \
+                 (direction=up: app to proxy, down: proxy to app)",
+                m.ring_fill.clone(),
+            );
+            p.register(
                 "host_cpu_ratio",
                 "Host CPU use (0..1) over the last second",
                 m.host_cpu.clone(),
@@ -246,6 +343,23 @@ impl Metrics {
         let r = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
+    }
+}
+
+impl Metrics {
+    /// Sample the fill of a session's rings, by the app's counters read
+    /// now (one relaxed load per ring). The cached values would not do: a
+    /// busy session has read everything it last saw, and a producer
+    /// re-reads the consumer's counter only when short of space, so they
+    /// read as empty and as filling up to full. The `_now` reads change
+    /// nothing in the rings: a forged counter is not acted on here (it
+    /// reads as the cached one) and is reported by the session's next
+    /// real re-read.
+    pub fn sample_ring_fill(&self, ep: &meshshm_ring::Endpoint) {
+        self.ring_fill_up
+            .observe(ep.rx.pending_now(), ep.rx.capacity());
+        self.ring_fill_down
+            .observe(ep.tx.in_use_now(), ep.tx.capacity());
     }
 }
 

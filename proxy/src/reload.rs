@@ -2,7 +2,10 @@
 //! (polled every second). The new file is parsed and checked in full
 //! first; a bad one is refused with a log line and the running
 //! configuration stays. What reloads: routes, services, clusters, access
-//! rules and tokens (docs/GOVERNANCE.md). Also samples host CPU use.
+//! rules (`[[access.rules]]`, `[access.call]`, `[access.serve]`), tokens
+//! and signing keys (docs/GOVERNANCE.md). What needs a restart
+//! (`[listen]`, `[runtime]`, `[shm]`, `[admin]`, `[http]`, `[tls]`) keeps its
+//! running value, with a warning naming it. Also samples host CPU use.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +23,31 @@ fn mtime(p: &Option<PathBuf>) -> Option<SystemTime> {
     std::fs::metadata(p.as_ref()?)
         .and_then(|m| m.modified())
         .ok()
+}
+
+/// The sections of `new` that differ from the running configuration and
+/// are only read at start.
+fn restart_only(run: &Config, new: &Config) -> Vec<&'static str> {
+    let differ =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") != format!("{b:?}");
+    let mut v = Vec::new();
+    for (name, a, b) in [
+        (
+            "listen",
+            &run.listen as &dyn std::fmt::Debug,
+            &new.listen as &dyn std::fmt::Debug,
+        ),
+        ("runtime", &run.runtime, &new.runtime),
+        ("shm", &run.shm, &new.shm),
+        ("admin", &run.admin, &new.admin),
+        ("http", &run.http, &new.http),
+        ("tls", &run.tls, &new.tls),
+    ] {
+        if differ(a, b) {
+            v.push(name);
+        }
+    }
+    v
 }
 
 /// (busy, total) jiffies of the host, from /proc/stat.
@@ -71,6 +99,15 @@ pub async fn run(sh: Arc<Shared>, path: Option<PathBuf>, load: Loader) {
                 sh.gov.reload(&cfg, &sh.tls);
                 sh.gov.count_reload(true);
                 tracing::info!(trigger = why, "configuration reloaded");
+                let stale = restart_only(&sh.cfg, &cfg);
+                if !stale.is_empty() {
+                    tracing::warn!(
+                        trigger = why,
+                        sections = %stale.join(","),
+                        "these sections changed but are read only at start: \
+                         their running values stay until a restart"
+                    );
+                }
             }
             Err(e) => {
                 sh.gov.count_reload(false);

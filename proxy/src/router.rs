@@ -126,8 +126,22 @@ pub struct Router {
     locals: Mutex<HashMap<String, Vec<LocalEntry>>>,
     rr: AtomicUsize,
     max_message: usize,
-    may_call: Rules,
-    may_serve: Rules,
+    /// `[access.call]` and `[access.serve]`, swapped whole on a reload.
+    uid_rules: arc_swap::ArcSwap<UidRules>,
+}
+
+struct UidRules {
+    call: Rules,
+    serve: Rules,
+}
+
+impl UidRules {
+    fn new(cfg: &Config) -> UidRules {
+        UidRules {
+            call: Rules::new(&cfg.access.call),
+            serve: Rules::new(&cfg.access.serve),
+        }
+    }
 }
 
 impl Router {
@@ -137,8 +151,7 @@ impl Router {
             locals: Mutex::new(HashMap::new()),
             rr: AtomicUsize::new(0),
             max_message: cfg.shm.max_message as usize,
-            may_call: Rules::new(&cfg.access.call),
-            may_serve: Rules::new(&cfg.access.serve),
+            uid_rules: arc_swap::ArcSwap::from_pointee(UidRules::new(cfg)),
         }
     }
 
@@ -182,20 +195,24 @@ impl Router {
         }
     }
 
-    /// Swap in the routes of a new (checked) configuration.
+    /// Swap in the routes and the `[access.call]`/`[access.serve]` uid
+    /// tables of a new (checked) configuration. Sessions already up keep
+    /// serving (a uid no longer allowed to serve stays registered until it
+    /// reconnects); calls are checked against the new tables at once.
     pub fn reload_routes(&self, cfg: &Config, tls: &Arc<crate::tls::Tls>) {
         let next = Self::table(cfg, tls, Some(&self.table.load()));
         self.table.store(Arc::new(next));
+        self.uid_rules.store(Arc::new(UidRules::new(cfg)));
     }
 
     /// Whether a peer with `uid` (`None`: a TCP peer) may call `service`.
     pub fn may_call(&self, uid: Option<u32>, service: &str) -> bool {
-        self.may_call.allows(uid, service)
+        self.uid_rules.load().call.allows(uid, service)
     }
 
     /// Whether a peer with `uid` may register as a server of `service`.
     pub fn may_serve(&self, uid: u32, service: &str) -> bool {
-        self.may_serve.allows(Some(uid), service)
+        self.uid_rules.load().serve.allows(Some(uid), service)
     }
 
     pub fn max_message(&self) -> usize {

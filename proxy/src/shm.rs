@@ -1,15 +1,31 @@
-//! Shared-memory sessions: the control-socket handshake, then one task per
-//! session that services its rings.
+//! Shared-memory sessions: the control-socket handshake, then one future per
+//! session (`Session::run`) that services its rings.
 //!
-//! While traffic flows the task makes no syscall per message: it reads
+//! While traffic flows the session makes no syscall per message: it reads
 //! every frame the app published, answers inline where it can (echo),
 //! publishes its answers with one store, and rings the app's doorbell only
 //! if the app said it sleeps. When idle it polls for `spin_us`, then
 //! announces sleep and waits on its eventfd (plus the control socket, for
 //! the app's death, and its completion channels).
+//!
+//! Where the session runs and how it sleeps depends on `shm.waiter`
+//! ([`start_waiter`]):
+//! - `io_uring`: on one of a fixed set of shm driver threads
+//!   ([`crate::driver`]), each a small executor that sleeps in one
+//!   `io_uring_enter` holding a multishot poll of each session's doorbell
+//!   eventfd, a poll of each control socket, and a poll of its own eventfd
+//!   (rung by wakers from other threads: forwarded-request completions,
+//!   channels, timers). A doorbell wakes the driver thread directly: no
+//!   tokio park/driver/scheduler on the way.
+//! - `epoll`: as a tokio task, the eventfd and the control socket
+//!   registered with tokio's reactor (`AsyncFd`, edge-triggered).
+//!
+//! Either way echo is answered inline, other upstreams run as tokio tasks,
+//! and a session yields to the others of its thread every 50 µs.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::AsFd;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +45,158 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::dispatch::{complete, handle_request, InFlight, Outcome};
 use crate::router::{Forward, LocalTx, Resp};
 use crate::Shared;
+
+/// Choose how shm sessions wait (`shm.waiter`) and start the driver
+/// threads if io_uring: `Ok(None)` = epoll (tokio tasks). `auto` falls back
+/// to epoll with one log line saying why; a forced `io_uring` that the
+/// kernel refuses is an error.
+pub fn start_waiter(
+    cfg: &crate::config::Config,
+    rt: &tokio::runtime::Handle,
+) -> Result<Option<crate::driver::Drivers>, String> {
+    let want = cfg.shm.waiter.as_str();
+    if want == "epoll" {
+        tracing::info!("shm waiter: epoll (one tokio task per session)");
+        return Ok(None);
+    }
+    if let Err(why) = meshshm_ring::uring::Uring::probe() {
+        if want == "io_uring" {
+            return Err(format!("shm.waiter = \"io_uring\": {why}"));
+        }
+        tracing::warn!(reason = %why, "shm waiter: io_uring not usable here; falling back to epoll");
+        return Ok(None);
+    }
+    let n = if cfg.shm.drivers == 0 {
+        cfg.runtime.threads
+    } else {
+        cfg.shm.drivers
+    };
+    let d = crate::driver::Drivers::start(n, rt.clone())
+        .map_err(|e| format!("starting the shm driver threads: {e}"))?;
+    tracing::info!(
+        threads = d.len(),
+        "shm waiter: io_uring (shm driver threads)"
+    );
+    Ok(Some(d))
+}
+
+/// How a sleeping session waits for its doorbell and its control socket.
+enum Waits {
+    /// tokio's reactor (epoll): the eventfd edge-triggered, no drain read.
+    Epoll {
+        bell: AsyncFd<OwnedFd>,
+        ctl: UnixStream,
+    },
+    /// The driver thread's io_uring: a read of the eventfd (which also
+    /// resets it) and a poll of the control socket.
+    Uring {
+        bell: crate::driver::Watched,
+        ctl_watch: crate::driver::Watched,
+        ctl: Arc<std::os::unix::net::UnixStream>,
+    },
+}
+
+impl Waits {
+    fn epoll(ep: &Endpoint, ctl: UnixStream) -> std::io::Result<Waits> {
+        let bell_fd = ep
+            .waiter
+            .bell()
+            .fd()
+            .ok_or_else(|| std::io::Error::other("not an eventfd bell"))?
+            .try_clone_to_owned()?;
+        // The AsyncFd owns this dup of the eventfd outright, so nothing else
+        // can close or reuse the fd behind the registration (the I/O-safety
+        // concern that deprecated `AsyncFd::new` in favour of an unsafe fn).
+        #[allow(deprecated)]
+        let bell = AsyncFd::new(bell_fd)?;
+        Ok(Waits::Epoll { bell, ctl })
+    }
+
+    /// The watches share the eventfd and the control socket with the
+    /// session (no dup: a session holds the same fds as during its
+    /// handshake).
+    fn uring(
+        io: &crate::driver::Io,
+        bell: Arc<OwnedFd>,
+        ctl: std::os::unix::net::UnixStream,
+    ) -> std::io::Result<Waits> {
+        use meshshm_ring::uring::WatchKind;
+        let ctl = Arc::new(ctl);
+        let bell = io.watch(bell, WatchKind::Rung)?;
+        let ctl_watch = io.watch(ctl.clone(), WatchKind::Poll)?;
+        Ok(Waits::Uring {
+            bell,
+            ctl_watch,
+            ctl,
+        })
+    }
+
+    /// The doorbell rang (`Ok(true)`), or a spurious wake-up; `Err` ends
+    /// the session.
+    async fn bell(&self) -> Result<bool, String> {
+        match self {
+            Waits::Epoll { bell, .. } => {
+                // No drain read: tokio (mio) registers the eventfd
+                // edge-triggered and every ring is a new edge, so the
+                // counter is left to grow (2^64 rings from now).
+                match bell.readable().await {
+                    Ok(mut g) => {
+                        g.clear_ready();
+                        Ok(true)
+                    }
+                    Err(_) => Ok(false),
+                }
+            }
+            // A multishot poll, edge-triggered: like epoll, no drain read.
+            Waits::Uring { bell, .. } => match bell.ready().await {
+                r if r > 0 => Ok(true),
+                0 => Ok(false),
+                r if [libc_errno::EAGAIN, libc_errno::EINTR, libc_errno::ECANCELED]
+                    .contains(&-r) =>
+                {
+                    Ok(false)
+                }
+                r => Err(format!(
+                    "waiting for the doorbell: {}",
+                    std::io::Error::from_raw_os_error(-r)
+                )),
+            },
+        }
+    }
+
+    /// The control socket became readable: why the session ends, if it does.
+    async fn ctl(&self) -> Option<String> {
+        let mut b = [0u8; 64];
+        let (r, read) = match self {
+            Waits::Epoll { ctl, .. } => {
+                let r = ctl.readable().await;
+                (r, ctl.try_read(&mut b))
+            }
+            Waits::Uring { ctl_watch, ctl, .. } => {
+                let r = ctl_watch.ready().await;
+                if r < 0 && -r != libc_errno::ECANCELED && -r != libc_errno::EINTR {
+                    return Some(format!(
+                        "control socket: {}",
+                        std::io::Error::from_raw_os_error(-r)
+                    ));
+                }
+                (Ok(()), (&**ctl).read(&mut b))
+            }
+        };
+        match (r, read) {
+            (Ok(()), Ok(0)) => Some("app closed the control socket".to_owned()),
+            (Ok(()), Ok(_)) => Some("unexpected bytes on the control socket".to_owned()),
+            (_, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+            (_, Err(e)) => Some(format!("control socket: {e}")),
+            (Err(e), _) => Some(format!("control socket: {e}")),
+        }
+    }
+}
+
+/// errno values the io_uring waits report (negated) that only mean "look again".
+mod libc_errno {
+    pub(super) use nix::libc::{EAGAIN, ECANCELED, EINTR};
+}
 
 /// Run one control connection: handshake, then the session.
 pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch::Receiver<bool>) {
@@ -102,9 +270,50 @@ pub async fn serve(sh: Arc<Shared>, mut s: UnixStream, id: u64, shutdown: watch:
         role = ?hello.role, service = %hello.service,
         "shm session up"
     );
-    let reason = Session::new(sh.clone(), ep, s, id, cred, &hello, fwd_rx, peer)
-        .run(shutdown)
-        .await;
+    let session = Session::new(sh.clone(), ep, id, cred, &hello, fwd_rx, peer);
+    let reason = match &sh.drivers {
+        None => match Waits::epoll(&session.ep, s) {
+            Ok(w) => session.run(w, shutdown).await,
+            Err(e) => format!("registering the doorbell: {e}"),
+        },
+        Some(drivers) => {
+            // Hand the session to a driver thread; this task only waits for
+            // its end (for the listener's count and shutdown drain).
+            let fds = |s: UnixStream| -> std::io::Result<_> {
+                let Bell::EventFd(bell) = session.ep.waiter.bell().clone() else {
+                    return Err(std::io::Error::other("not an eventfd doorbell"));
+                };
+                Ok((s.into_std()?, bell))
+            };
+            let (tx, rx) = oneshot::channel::<String>();
+            match fds(s) {
+                Ok((ctl, bell)) => {
+                    drivers.spawn(Box::new(move |io| {
+                        Box::pin(async move {
+                            let mut tx = tx;
+                            let waits = match Waits::uring(&io, bell, ctl) {
+                                Ok(w) => w,
+                                Err(e) => {
+                                    let _ = tx.send(format!("registering the doorbell: {e}"));
+                                    return;
+                                }
+                            };
+                            tokio::select! {
+                                r = session.run(waits, shutdown) => {
+                                    let _ = tx.send(r);
+                                }
+                                // The listener gave up on the session (shutdown grace over).
+                                _ = tx.closed() => {}
+                            }
+                        })
+                    }));
+                    rx.await
+                        .unwrap_or_else(|_| "the shm driver thread dropped the session".into())
+                }
+                Err(e) => format!("handing over the session: {e}"),
+            }
+        }
+    };
     tracing::info!(session = id, pid = cred.pid, uid = cred.uid, gid = cred.gid, %reason, "shm session closed");
 }
 
@@ -212,8 +421,6 @@ struct OutMsg {
 struct Session {
     sh: Arc<Shared>,
     ep: Endpoint,
-    ctl: UnixStream,
-    bell: AsyncFd<std::os::fd::OwnedFd>,
     id: u64,
     cred: PeerCred,
     /// Who the app is, for governance (uid, verified identity).
@@ -243,33 +450,18 @@ impl Session {
     fn new(
         sh: Arc<Shared>,
         ep: Endpoint,
-        ctl: UnixStream,
         id: u64,
         cred: PeerCred,
         h: &Hello,
         fwd: Option<(mpsc::Receiver<Forward>, mpsc::UnboundedReceiver<u64>)>,
         peer: crate::gov::Peer,
     ) -> Session {
-        let bell_fd = ep
-            .waiter
-            .bell()
-            .fd()
-            .expect("eventfd bell")
-            .try_clone_to_owned()
-            .expect("dup eventfd");
-        // The AsyncFd owns this dup of the eventfd outright, so nothing else
-        // can close or reuse the fd behind the registration (the I/O-safety
-        // concern that deprecated `AsyncFd::new` in favour of an unsafe fn).
-        #[allow(deprecated)]
-        let bell = AsyncFd::new(bell_fd).expect("register eventfd");
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let max = ep.max_message as usize;
         let (fwd_rx, cancel_rx) = fwd.map_or((None, None), |(f, c)| (Some(f), Some(c)));
         Session {
             sh,
             ep,
-            ctl,
-            bell,
             id,
             cred,
             peer,
@@ -517,6 +709,9 @@ impl Session {
 
     /// One pass over everything that may need doing; true if anything moved.
     fn step(&mut self) -> Result<bool, String> {
+        if crate::metrics::fill_due() {
+            self.sh.gov.metrics.sample_ring_fill(&self.ep);
+        }
         let mut any = self.flush_out().map_err(|e| e.to_string())?;
         any |= self.take_completions();
         if !self.paused() {
@@ -534,7 +729,7 @@ impl Session {
             || (self.intake_open() && self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty()))
     }
 
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> String {
+    async fn run(mut self, waits: Waits, mut shutdown: watch::Receiver<bool>) -> String {
         let spin = Duration::from_micros(self.sh.cfg.shm.spin_us);
         let mut draining = false;
         // Yield to the other sessions of this worker at most every SLICE:
@@ -583,22 +778,29 @@ impl Session {
             }
             // Sleep on the doorbell, the control socket and the channels.
             self.ep.waiter.announce_sleep();
-            if self.has_work() || (!self.out.is_empty() && self.flush_out().unwrap_or(true)) {
+            let flushed = match self.out.is_empty() {
+                true => Ok(false),
+                false => self.flush_out(),
+            };
+            if let Err(e) = flushed {
+                // Keep the first reason: later calls only say "poisoned".
+                tracing::warn!(session = self.id, pid = self.cred.pid, error = %e, "closing session: protocol violation");
+                break e.to_string();
+            }
+            if self.has_work() || flushed == Ok(true) {
                 self.ep.waiter.cancel_sleep();
                 continue;
             }
             let fwd_open = self.intake_open();
             let mut ended = None;
             tokio::select! {
-                g = self.bell.readable() => {
-                    // No drain read: tokio (mio) registers the eventfd
-                    // edge-triggered and every ring is a new edge, so the
-                    // counter is left to grow (2^64 rings from now).
-                    if let Ok(mut g) = g {
-                        g.clear_ready();
+                r = waits.bell() => match r {
+                    Ok(true) => {
                         self.sh.gov.metrics.doorbell_wakeups.inc();
                     }
-                }
+                    Ok(false) => {}
+                    Err(e) => ended = Some(e),
+                },
                 Some((sid, task, r)) = self.done_rx.recv() => {
                     if complete(&mut self.inflight, sid, task) {
                         self.enqueue(FrameKind::Response, sid, r.meta, r.body);
@@ -610,16 +812,7 @@ impl Session {
                 Some(key) = async { self.cancel_rx.as_mut()?.recv().await } => {
                     self.cancel_forward(key);
                 }
-                r = self.ctl.readable() => {
-                    let mut b = [0u8; 64];
-                    match (r, self.ctl.try_read(&mut b)) {
-                        (Ok(()), Ok(0)) => ended = Some("app closed the control socket".to_owned()),
-                        (Ok(()), Ok(_)) => ended = Some("unexpected bytes on the control socket".to_owned()),
-                        (_, Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                        (_, Err(e)) => ended = Some(format!("control socket: {e}")),
-                        (Err(e), _) => ended = Some(format!("control socket: {e}")),
-                    }
-                }
+                r = waits.ctl() => ended = r,
                 _ = shutdown.changed(), if !draining => {
                     draining = true;
                     self.enqueue(FrameKind::Goaway, 0, Vec::new(), Vec::new());
@@ -669,7 +862,7 @@ impl Session {
 }
 
 /// Refuse a connection before any handshake work (limits).
-pub async fn refuse(mut s: UnixStream, reason: &'static str, wait: Duration) {
+pub async fn refuse(mut s: UnixStream, reason: &str, wait: Duration) {
     // Read the hello (bounded) so the app gets the answer, not a reset.
     let _ = tokio::time::timeout(wait, read_hello(&mut s)).await;
     reject(&s, reason).await;

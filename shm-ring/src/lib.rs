@@ -43,6 +43,8 @@ pub mod hostile;
 mod ring;
 mod segment;
 mod sync;
+#[cfg(all(feature = "uring", target_os = "linux"))]
+pub mod uring;
 
 pub use doorbell::{heap_doorbell, Bell, Notifier, WaitOutcome, Waiter, WakeCell};
 pub use error::{RingError, SegmentError};

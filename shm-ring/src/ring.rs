@@ -243,6 +243,20 @@ impl Producer {
         (self.tail - self.head_cache) as usize
     }
 
+    /// Bytes written and not yet released, by the consumer's counter read
+    /// now, for fill metrics: nothing else changes (the cache, the poisoned
+    /// state). A counter out of range reads as the cached one; the next
+    /// real re-read reports it.
+    pub fn in_use_now(&self) -> usize {
+        let head = self.ring.ctl().head.load(Ordering::Relaxed);
+        let head = if (self.head_cache..=self.published).contains(&head) {
+            head
+        } else {
+            self.head_cache
+        };
+        (self.tail - head) as usize
+    }
+
     /// Free bytes now (re-reads the consumer's counter).
     pub fn free_space(&mut self) -> Result<usize, RingError> {
         if self.poisoned {
@@ -446,6 +460,21 @@ impl Consumer {
     /// re-read of its counter (no shared-memory access; for fill metrics).
     pub fn pending(&self) -> usize {
         (self.tail_cache - self.head) as usize
+    }
+
+    /// Bytes published and not yet read, by the producer's counter read
+    /// now, for fill metrics: nothing else changes (the cache, the poisoned
+    /// state). A counter out of range reads as the cached one; the next
+    /// real re-read reports it.
+    pub fn pending_now(&self) -> usize {
+        let tail = self.ring.ctl().tail.load(Ordering::Relaxed);
+        let hi = self.published + self.ring.cap as u64;
+        let tail = if (self.tail_cache..=hi).contains(&tail) {
+            tail
+        } else {
+            self.tail_cache
+        };
+        (tail - self.head) as usize
     }
 
     /// Largest payload one frame can carry.

@@ -94,6 +94,7 @@ impl Proxy {
             .arg("--tcp")
             .arg("127.0.0.1:0")
             .args(&o.args)
+            .args(waiter_args(&o.args))
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
@@ -212,6 +213,19 @@ impl Proxy {
             "server for {service} never answered"
         );
         guard
+    }
+}
+
+/// `--waiter W` for a proxy started by a test when `MESHSHM_TEST_WAITER=W`
+/// is set (and the test does not choose a waiter itself): runs the whole
+/// suite with one waiter, e.g. `MESHSHM_TEST_WAITER=epoll cargo test -p
+/// meshshm-tests` (the default is the proxy's, `auto`).
+pub fn waiter_args(args: &[String]) -> Vec<String> {
+    match std::env::var("MESHSHM_TEST_WAITER") {
+        Ok(w) if !w.is_empty() && !args.iter().any(|a| a == "--waiter") => {
+            vec!["--waiter".into(), w]
+        }
+        _ => Vec::new(),
     }
 }
 

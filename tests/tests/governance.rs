@@ -103,6 +103,16 @@ struct App {
 
 impl App {
     fn start(p: &Proxy, service: &str, delay: Duration, reply: &'static [u8]) -> App {
+        App::start_fn(p, service, move |_| delay, reply)
+    }
+
+    /// A server app whose n-th request (from 0) waits `delay(n)`.
+    fn start_fn(
+        p: &Proxy,
+        service: &str,
+        delay: impl Fn(u64) -> Duration + Send + 'static,
+        reply: &'static [u8],
+    ) -> App {
         let server = Server::bind(Some(&p.socket), service).expect("bind server");
         let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(AtomicU64::new(0));
@@ -110,9 +120,9 @@ impl App {
         let th = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
                 if let Ok(Some(req)) = server.next(Some(Duration::from_millis(50))) {
-                    sn.fetch_add(1, Ordering::Relaxed);
-                    if !delay.is_zero() {
-                        std::thread::sleep(delay);
+                    let d = delay(sn.fetch_add(1, Ordering::Relaxed));
+                    if !d.is_zero() {
+                        std::thread::sleep(d);
                     }
                     let _ = server.reply(req.id, 0, reply);
                 }
@@ -379,7 +389,13 @@ fn access_rules_enforce_dry_run_and_tokens() {
         ),
         1.0
     );
-    assert!(metric(&m, r#"meshshm_token_failures_total{action="deny"}"#) >= 1.0);
+    assert!(
+        metric(
+            &m,
+            r#"meshshm_token_failures_total{reason="invalid",action="deny"}"#
+        ) >= 1.0,
+        "{m}"
+    );
     assert!(p.log_text().contains("dry-run: access rules would deny"));
 }
 
@@ -403,7 +419,10 @@ fn invalid_token_allowed_degraded_is_counted() {
     assert_eq!(invoke(&c, "guarded", 1, &[]), status::PERMISSION_DENIED);
     let m = metrics(&p);
     assert_eq!(
-        metric(&m, r#"meshshm_token_failures_total{action="degraded"}"#),
+        metric(
+            &m,
+            r#"meshshm_token_failures_total{reason="invalid",action="degraded"}"#
+        ),
         1.0,
         "{m}"
     );
@@ -688,4 +707,533 @@ fn an_app_over_shm_calls_a_plain_http_service() {
     assert_eq!(r.status, status::NOT_FOUND, "{r:?}");
     assert_eq!(invoke(&c, "closed", 1, &[]), status::UNAVAILABLE);
     stop.store(true, Ordering::Relaxed);
+}
+
+/// One call of `service`/`method` with `timeout` and `priority`: (status, message, elapsed).
+/// A call the client gave up on itself counts as DEADLINE_EXCEEDED.
+fn call_m(
+    c: &Client,
+    service: &str,
+    method: &str,
+    prio: u8,
+    timeout: Duration,
+) -> (u32, String, Duration) {
+    let t0 = Instant::now();
+    let call = Call {
+        priority: prio,
+        ..Call::with_timeout(service, method, b"x", timeout)
+    };
+    match c.invoke(&call) {
+        Ok(r) => (r.status, r.message, t0.elapsed()),
+        Err(e) => (status::DEADLINE_EXCEEDED, e.to_string(), t0.elapsed()),
+    }
+}
+
+#[test]
+fn least_request_spreads_idle_traffic_and_avoids_the_busy_endpoint() {
+    let _s = serial();
+    let p = start(
+        &[],
+        "[clusters.lr]\nlb = \"least-request\"\ndynamic = false\n\
+         endpoints = [{ to = \"local:lr-slow\" }, { to = \"local:lr-fast\" }]\n\
+         [services.lr]\ncluster = \"lr\"\n",
+    );
+    let slow_ms = Arc::new(AtomicU64::new(0));
+    let sm = slow_ms.clone();
+    let slow = App::start_fn(
+        &p,
+        "lr-slow",
+        move |_| Duration::from_millis(sm.load(Ordering::Relaxed)),
+        b"slow",
+    );
+    let fast = App::start(&p, "lr-fast", Duration::ZERO, b"fast");
+    let c = p.client();
+    // Idle, equal weights: ties go round robin, not all to the first.
+    for _ in 0..100 {
+        assert_eq!(invoke(&c, "lr", 1, &[]), status::OK);
+    }
+    println!("idle: slow {} fast {}", slow.seen(), fast.seen());
+    assert!(
+        (40..=60).contains(&slow.seen()) && (40..=60).contains(&fast.seen()),
+        "idle traffic not spread: slow {} fast {}",
+        slow.seen(),
+        fast.seen()
+    );
+    // One endpoint holds its requests 100 ms: it has requests in flight,
+    // so nearly everything goes to the other (weighted round robin with
+    // equal static weights would send it half).
+    slow_ms.store(100, Ordering::Relaxed);
+    let (s0, f0) = (slow.seen(), fast.seen());
+    let stop = Arc::new(AtomicBool::new(false));
+    let ths: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, stop) = (c.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    assert_eq!(invoke(&c, "lr", 1, &[]), status::OK);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    for t in ths {
+        t.join().unwrap();
+    }
+    let (ds, df) = (slow.seen() - s0, fast.seen() - f0);
+    println!("busy: slow {ds} fast {df}");
+    assert!(df > 0 && ds * 10 < ds + df, "slow kept {ds} of {}", ds + df);
+    let m = metrics(&p);
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshshm_endpoint_requests_total{cluster="lr",endpoint="local:lr-slow"}"#
+        ),
+        slow.seen() as f64,
+        "{m}"
+    );
+}
+
+#[test]
+fn per_try_and_per_route_timeouts_cut_slow_calls_and_the_caller_deadline_wins() {
+    let _s = serial();
+    let p = start(
+        &[],
+        "[services.pertry]\ntry_timeout_ms = 100\n\
+         [services.route]\ntimeout_ms = 150\n",
+    );
+    let _a = App::start(&p, "pertry", Duration::from_millis(600), b"late");
+    let _b = App::start(&p, "route", Duration::from_millis(600), b"late");
+    let c = p.client();
+    // The caller allows 20 s; the per-try timeout answers after ~100 ms.
+    let (st, msg, took) = call_m(&c, "pertry", "M", 1, T);
+    println!("per-try: {st} {msg:?} after {took:?}");
+    assert_eq!(st, status::DEADLINE_EXCEEDED, "{msg}");
+    assert!(
+        took >= Duration::from_millis(95) && took < Duration::from_millis(500),
+        "{took:?}"
+    );
+    // The route timeout: ~150 ms.
+    let (st, msg, took) = call_m(&c, "route", "M", 1, T);
+    println!("route: {st} {msg:?} after {took:?}");
+    assert_eq!(st, status::DEADLINE_EXCEEDED, "{msg}");
+    assert!(
+        took >= Duration::from_millis(145) && took < Duration::from_millis(500),
+        "{took:?}"
+    );
+    // A shorter caller deadline wins over the route's.
+    let (st, _, took) = call_m(&c, "route", "M", 1, Duration::from_millis(40));
+    assert_eq!(st, status::DEADLINE_EXCEEDED);
+    assert!(took < Duration::from_millis(140), "{took:?}");
+    let m = metrics(&p);
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshshm_responses_total{service="pertry",transport="shm",status="deadline_exceeded"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"meshshm_responses_total{service="route",transport="shm",status="deadline_exceeded"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn timed_out_idempotent_calls_are_retried_and_others_are_not() {
+    let _s = serial();
+    let policy = "try_timeout_ms = 250\nretries = 2\nretry_backoff_ms = 1\n\
+                  retry_budget_percent = 100\nidempotent_methods = [\"Get\"]\n";
+    let p = start(
+        &[],
+        &format!("[services.idem]\n{policy}[services.other]\n{policy}"),
+    );
+    // The first request of each app takes 300 ms (its try times out at
+    // 250 ms); later ones are answered at once.
+    let first_slow = |n: u64| Duration::from_millis(if n == 0 { 300 } else { 0 });
+    let idem = App::start_fn(&p, "idem", first_slow, b"ok");
+    let other = App::start_fn(&p, "other", first_slow, b"ok");
+    let c = p.client();
+    let (st, msg, took) = call_m(&c, "idem", "Get", 1, T);
+    println!("Get: {st} {msg:?} after {took:?}");
+    assert_eq!(st, status::OK, "{msg}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert_eq!(idem.seen(), 2, "one try and one retry");
+    // Not idempotent: the timed-out try is final.
+    let (st, msg, _) = call_m(&c, "other", "Post", 1, T);
+    assert_eq!(st, status::DEADLINE_EXCEEDED, "{msg}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(other.seen(), 1, "a non-idempotent call was retried");
+    let m = metrics(&p);
+    assert_eq!(
+        metric(&m, r#"meshshm_retries_total{service="idem"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"meshshm_retries_total{service="other"}"#),
+        0.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn queueing_time_sheds_low_priority_first_and_recovers_when_the_queue_empties() {
+    let _s = serial();
+    let p = start(
+        &[],
+        "[services.qt]\nmax_concurrency = 1\nmax_queue_ms = 5\n",
+    );
+    let app = App::start(&p, "qt", Duration::from_millis(20), b"ok");
+    let c = p.client();
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Mutex::new([[0u64; 2]; 3])); // [prio][ok, shed]
+    let mut ths = Vec::new();
+    for (prio, n) in [(0u8, 6), (2u8, 2)] {
+        for _ in 0..n {
+            let (c, stop, counts) = (c.clone(), stop.clone(), counts.clone());
+            ths.push(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let (s, msg, _) = call_m(&c, "qt", "M", prio, T);
+                    let mut k = counts.lock().unwrap();
+                    match s {
+                        0 => k[prio as usize][0] += 1,
+                        8 => {
+                            assert!(msg.contains("queueing time"), "{msg}");
+                            k[prio as usize][1] += 1
+                        }
+                        other => panic!("priority {prio}: status {other} {msg}"),
+                    }
+                    drop(k);
+                    if s == 8 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    for t in ths {
+        t.join().unwrap();
+    }
+    let k = *counts.lock().unwrap();
+    println!("low ok/shed {:?}, high ok/shed {:?}", k[0], k[2]);
+    assert!(k[0][1] > 0, "no low-priority request shed: {k:?}");
+    assert_eq!(k[2][1], 0, "a high-priority request was shed: {k:?}");
+    assert!(k[2][0] > 0, "high priority did not flow: {k:?}");
+    // No queue any more: low priority goes through again (the queueing
+    // time measured under load does not shed forever).
+    let (st, msg, _) = call_m(&c, "qt", "M", 0, T);
+    assert_eq!(st, status::OK, "{msg}");
+    let m = metrics(&p);
+    assert_eq!(
+        metric(&m, r#"meshshm_shed_total{service="qt",priority="low"}"#),
+        k[0][1] as f64,
+        "{m}"
+    );
+    assert!(app.seen() > 0);
+}
+
+/// Burns CPU on every core until dropped.
+struct Burn(Arc<AtomicBool>, Vec<std::thread::JoinHandle<()>>);
+
+impl Burn {
+    fn start() -> Burn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let ths = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                })
+            })
+            .collect();
+        Burn(stop, ths)
+    }
+}
+
+impl Drop for Burn {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+        for t in self.1.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn host_cpu_over_threshold_sheds_low_priority_only_and_the_threshold_reloads() {
+    let _s = serial();
+    let p = start(&[], "[services.cpu]\nshed_low_cpu = 0.05\n");
+    let _app = App::start(&p, "cpu", Duration::ZERO, b"ok");
+    let c = p.client();
+    let burn = Burn::start();
+    // The proxy samples host CPU every second.
+    assert!(
+        eventually(T, || metric(&metrics(&p), "meshshm_host_cpu_ratio") > 0.05),
+        "host CPU never seen above 5%"
+    );
+    let (st, msg, _) = call_m(&c, "cpu", "M", 0, T);
+    assert_eq!(st, status::RESOURCE_EXHAUSTED, "{msg}");
+    assert!(msg.contains("host CPU"), "{msg}");
+    assert_eq!(call_m(&c, "cpu", "M", 1, T).0, status::OK);
+    assert_eq!(call_m(&c, "cpu", "M", 2, T).0, status::OK);
+    // Raised by a reload: low priority flows again, CPU still busy.
+    let cfg = p.dir.0.join("proxy.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("shed_low_cpu = 0.05", "shed_low_cpu = 1.0"),
+    )
+    .unwrap();
+    signal(p.pid(), libc::SIGHUP);
+    let mut shed = 1;
+    assert!(
+        eventually(T, || match call_m(&c, "cpu", "M", 0, T).0 {
+            status::OK => true,
+            s => {
+                assert_eq!(s, status::RESOURCE_EXHAUSTED);
+                shed += 1;
+                false
+            }
+        }),
+        "threshold not reloaded:\n{}",
+        p.log_text()
+    );
+    drop(burn);
+    let m = metrics(&p);
+    assert_eq!(
+        metric(&m, r#"meshshm_shed_total{service="cpu",priority="low"}"#),
+        shed as f64,
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, r#"meshshm_shed_total{service="cpu",priority="normal"}"#),
+        0.0
+    );
+}
+
+/// `meshshm-proxy token mint` with the proxy's configuration.
+fn mint(p: &Proxy, identity: &str, ttl: &str) -> String {
+    let out = std::process::Command::new(bin("meshshm-proxy"))
+        .arg("--config")
+        .arg(p.dir.0.join("proxy.toml"))
+        .args(["token", "mint", "--identity", identity, "--ttl", ttl])
+        .output()
+        .expect("meshshm-proxy token mint");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+const KEY: &str = "7f0c5e8a1b2d3c4e5f60718293a4b5c6d7e8f90112233445566778899aabbccd";
+
+#[test]
+fn expired_tokens_are_refused_or_degraded_and_counted() {
+    let _s = serial();
+    let p = start(
+        &[("guarded", "echo")],
+        &format!(
+            "[[access.rules]]\nservices = [\"guarded\"]\nidentities = [\"checkout\", \"billing\", \"ledger\"]\n\
+             [access.identity]\ninvalid_token = \"deny\"\nsigning_keys = [\"{KEY}\"]\n\
+             [access.identity.tokens]\ncheckout = \"s3cret\"\n\
+             billing = {{ token = \"old\", expires = 2020-01-01T00:00:00Z }}\n\
+             ledger = {{ token = \"fresh\", expires = 2999-01-01T00:00:00+02:00 }}\n"
+        ),
+    );
+    let opts = |service: &str, token: &str| ClientOptions {
+        socket: Some(p.socket.clone()),
+        service: service.into(),
+        token: token.into(),
+        ..Default::default()
+    };
+    let connect = |service: &str, token: &str| {
+        Client::with_options(opts(service, token)).and_then(|c| {
+            c.call("echo", "E", b"", T)?;
+            Ok(c)
+        })
+    };
+    // A plain static token still works; one with a future expiry too.
+    let c = connect("checkout", "s3cret").expect("static token");
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::OK);
+    let c = connect("ledger", "fresh").expect("token before its expiry");
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::OK);
+    // A static token past its expiry: refused at the handshake.
+    assert!(connect("billing", "old").is_err());
+    // A signed token: valid for its identity only.
+    let t = mint(&p, "billing", "1h");
+    assert!(t.starts_with("mst1.billing."), "{t}");
+    let c = connect("billing", &t).expect("signed token");
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::OK);
+    assert!(
+        connect("checkout", &t).is_err(),
+        "a token for another identity"
+    );
+    // A short-lived signed token: good at the handshake, then it expires:
+    // the session loses its identity, and a new handshake is refused.
+    let short = mint(&p, "ledger", "2");
+    let c = connect("ledger", &short).expect("short-lived token");
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::OK);
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::PERMISSION_DENIED);
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::PERMISSION_DENIED);
+    assert_eq!(invoke(&c, "echo", 1, &[]), status::OK);
+    assert!(connect("ledger", &short).is_err());
+    let m = metrics(&p);
+    let f = |reason: &str, action: &str| {
+        metric(
+            &m,
+            &format!(r#"meshshm_token_failures_total{{reason="{reason}",action="{action}"}}"#),
+        )
+    };
+    assert_eq!(f("expired", "deny"), 2.0, "{m}");
+    assert_eq!(f("expired", "dropped"), 1.0, "{m}");
+    assert_eq!(f("invalid", "deny"), 1.0, "{m}");
+    // Degraded mode, by a reload: the expired token connects without its
+    // identity, and is counted as such.
+    let cfg = p.dir.0.join("proxy.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(
+            "invalid_token = \"deny\"",
+            "invalid_token = \"allow-degraded\"",
+        ),
+    )
+    .unwrap();
+    signal(p.pid(), libc::SIGHUP);
+    assert!(eventually(T, || connect("billing", "old").is_ok()));
+    let c = connect("billing", "old").unwrap();
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::PERMISSION_DENIED);
+    let m = metrics(&p);
+    assert!(
+        metric(
+            &m,
+            r#"meshshm_token_failures_total{reason="expired",action="degraded"}"#
+        ) >= 2.0,
+        "{m}"
+    );
+}
+
+#[test]
+fn echo_latency_ring_fill_and_wakeups_per_request_are_in_the_metrics() {
+    let _s = serial();
+    let p = start(&[], "");
+    let c = p.client();
+    let body = vec![7u8; 32 * 1024];
+    let ths: Vec<_> = (0..4)
+        .map(|_| {
+            let (c, body) = (c.clone(), body.clone());
+            std::thread::spawn(move || {
+                for _ in 0..600 {
+                    assert_eq!(c.call("echo", "E", &body, T).unwrap().len(), body.len());
+                }
+            })
+        })
+        .collect();
+    for t in ths {
+        t.join().unwrap();
+    }
+    let tc = p.tcp_client();
+    for _ in 0..5 {
+        assert_eq!(tc.call("echo", "E", b"hi", T).unwrap(), b"hi");
+    }
+    let m = metrics(&p);
+    // Echo is answered inline, and still in the latency histogram.
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshshm_request_duration_seconds_count{service="echo",transport="shm"}"#
+        ),
+        2400.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshshm_request_duration_seconds_count{service="echo",transport="tcp"}"#
+        ),
+        5.0
+    );
+    // Buckets are cumulative once: the +Inf bucket is the count.
+    assert_eq!(
+        metric(
+            &m,
+            r#"meshshm_request_duration_seconds_bucket{le="+Inf",service="echo",transport="shm"}"#
+        ),
+        2400.0,
+        "{m}"
+    );
+    for l in m.lines().filter(|l| l.starts_with("meshshm_ring_fill")) {
+        println!("{l}");
+    }
+    // Ring fill, both directions, sampled while the session was serviced:
+    // some samples saw a 32 KiB request waiting in the 2 MiB ring.
+    for dir in ["up", "down"] {
+        let n = metric(
+            &m,
+            &format!(r#"meshshm_ring_fill_ratio_count{{direction="{dir}"}}"#),
+        );
+        assert!(n > 0.0, "no {dir} sample\n{m}");
+        let full = metric(
+            &m,
+            &format!(r#"meshshm_ring_fill_ratio_bucket{{le="1.0",direction="{dir}"}}"#),
+        );
+        assert_eq!(full, n, "a fill above 100%\n{m}");
+    }
+    assert!(
+        metric(&m, r#"meshshm_ring_fill_ratio_sum{direction="up"}"#) > 0.0,
+        "{m}"
+    );
+    // Wake-ups per request: both sides of the ratio are there.
+    let wakeups = metric(&m, "meshshm_doorbell_wakeups_total");
+    let requests = metric(
+        &m,
+        r#"meshshm_requests_total{service="echo",transport="shm"}"#,
+    );
+    assert_eq!(requests, 2400.0);
+    assert!(wakeups >= 1.0 && wakeups <= 4.0 * requests, "{wakeups}");
+}
+
+#[test]
+fn reload_applies_uid_tables_and_names_sections_that_need_a_restart() {
+    let _s = serial();
+    let p = start(&[("guarded", "echo")], "");
+    let c = p.client();
+    assert_eq!(invoke(&c, "guarded", 1, &[]), status::OK);
+    let cfg = p.dir.0.join("proxy.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    // [access.call] is reloaded; a changed [shm] is not (warned about).
+    let next = format!("{text}[access.call]\n\"*\" = [\"echo\"]\n")
+        .replace("spin_us = 20", "spin_us = 21");
+    assert_ne!(next, format!("{text}[access.call]\n\"*\" = [\"echo\"]\n"));
+    std::fs::write(&cfg, next).unwrap();
+    signal(p.pid(), libc::SIGHUP);
+    assert!(
+        eventually(T, || invoke(&c, "guarded", 1, &[])
+            == status::PERMISSION_DENIED),
+        "[access.call] not reloaded:\n{}",
+        p.log_text()
+    );
+    assert_eq!(invoke(&c, "echo", 1, &[]), status::OK);
+    assert!(
+        eventually(T, || p.log_text().contains("read only at start")),
+        "{}",
+        p.log_text()
+    );
+    let log = p.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("read only at start"))
+        .unwrap();
+    assert!(line.contains("shm"), "{line}");
+    assert!(!line.contains("listen"), "{line}");
 }

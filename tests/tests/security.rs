@@ -418,3 +418,43 @@ fn responses_never_reach_another_connection_even_when_stream_ids_collide() {
     );
     assert!(cancels > 0 && forged > 0 && total > 100);
 }
+
+/// `listen.max_sessions_per_uid`: a uid at its limit is refused with a
+/// reason, gets a session again once it closes one, and (as root) another
+/// uid still gets in meanwhile.
+#[test]
+fn a_uid_at_its_session_limit_is_refused_and_others_are_not() {
+    let mut t = begin("per_uid_limit", Duration::from_secs(60));
+    let p = proxy(
+        &mut t,
+        ProxyCfg::default()
+            .set("max_sessions_per_uid", "2")
+            .set("socket_mode", "0o666"),
+    );
+    let a = p.client();
+    let b = p.client();
+    for c in [&a, &b] {
+        assert_eq!(c.call("echo", "E", b"in", T).unwrap(), b"in");
+    }
+    let uid = nix::unistd::getuid().as_raw();
+    match Client::connect(Some(&p.socket)) {
+        Err(meshshm::Error::Rejected(r)) => assert!(
+            r.contains(&format!("uid {uid} has reached its limit of 2 sessions")),
+            "{r}"
+        ),
+        Ok(_) => panic!("a third session of uid {uid} was let in"),
+        Err(e) => panic!("expected a rejection, got {e}"),
+    }
+    assert!(!log_lines(&p, &["session limit; refusing"]).is_empty());
+    // The two sessions are unaffected; closing one makes room.
+    assert_eq!(a.call("echo", "E", b"still", T).unwrap(), b"still");
+    drop(b);
+    let again = eventually(T, || Client::connect(Some(&p.socket)).is_ok());
+    assert!(again, "no room after a session closed");
+    if skip_unless_root("per_uid_limit_other_uid") {
+        return;
+    }
+    // Another uid has a share of its own.
+    let out = attack(NOBODY, &["--socket".into(), p.socket.display().to_string()]);
+    assert!(line(&out, "socket").contains(" ok"), "{out}");
+}

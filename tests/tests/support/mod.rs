@@ -215,6 +215,7 @@ pub fn proxy(t: &mut Test, c: ProxyCfg) -> Proxy {
         .arg("--tcp")
         .arg(if c.no_tcp { "off" } else { "127.0.0.1:0" })
         .args(&c.args)
+        .args(meshshm_tests::waiter_args(&c.args))
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .envs(c.env.iter().map(|(k, v)| (k, v)))

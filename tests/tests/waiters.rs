@@ -1,0 +1,241 @@
+//! The proxy's two doorbell waiters (`shm.waiter`): the same checks with
+//! each (echo, a server app, many idle sessions beside a busy one, a killed
+//! client, shutdown), and the fallback from io_uring to epoll where
+//! io_uring is refused. The whole suite runs with one waiter under
+//! `MESHSHM_TEST_WAITER=epoll|io_uring`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use meshshm_tests::{
+    bin, body, eventually, shm_leftovers_of, KillOnDrop, Proxy, ProxyOpts, TempDir,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+fn uring_usable() -> bool {
+    match meshshm_ring::uring::Uring::probe() {
+        Ok(()) => true,
+        Err(why) => {
+            eprintln!("io_uring not usable here ({why}): its half of the test is skipped");
+            false
+        }
+    }
+}
+
+fn start(waiter: &str) -> Proxy {
+    Proxy::start_with(ProxyOpts {
+        routes: vec![
+            ("upper".into(), "local".into()),
+            ("hang".into(), "local".into()),
+        ],
+        args: vec![
+            "--admin".into(),
+            "off".into(),
+            "--waiter".into(),
+            waiter.into(),
+            "--backing".into(),
+            "/dev/shm".into(),
+        ],
+        ..Default::default()
+    })
+}
+
+/// Wait until the proxy logs `what` (bounded).
+fn logged(p: &Proxy, what: &str) -> bool {
+    eventually(T, || p.log_text().contains(what))
+}
+
+fn check_waiter(waiter: &str) {
+    let mut p = start(waiter);
+    let expect = if waiter == "epoll" {
+        "shm waiter: epoll"
+    } else {
+        "shm waiter: io_uring"
+    };
+    assert!(
+        logged(&p, expect),
+        "{waiter}: no {expect:?} line:\n{}",
+        p.log_text()
+    );
+
+    // Echo, from empty to fragmented (5 MiB in 2 MiB rings).
+    let c = p.client();
+    for (i, n) in [0usize, 1, 1000, 65_536, 5 << 20].into_iter().enumerate() {
+        let b = body(i as u64, n);
+        let r = c
+            .call("echo", "Echo", &b, T)
+            .unwrap_or_else(|e| panic!("{waiter} {n} B: {e}"));
+        assert!(r == b, "{waiter}: {n}-byte echo differs");
+    }
+
+    // A server app attached over shm, reached through the proxy.
+    let _srv = p.serve_cli("upper", &["--", "tr", "a-z", "A-Z"]);
+    let r = c.call("upper", "Up", b"hello waiter", T).expect("forward");
+    assert_eq!(r, b"HELLO WAITER", "{waiter}");
+
+    // Many idle sessions (asleep on their doorbells) beside a busy one: the
+    // idle ones still answer at once when they wake, the busy one is not held up.
+    let idle: Vec<_> = (0..32).map(|_| p.client()).collect();
+    for c in &idle {
+        assert_eq!(c.call("echo", "E", b"hi", T).expect("idle call"), b"hi");
+    }
+    let t0 = Instant::now();
+    for i in 0..2000u64 {
+        let b = body(i, 100);
+        assert!(c.call("echo", "E", &b, T).expect("busy call") == b);
+    }
+    let busy = t0.elapsed();
+    for c in idle.iter().rev() {
+        assert_eq!(
+            c.call("echo", "E", b"again", T).expect("idle call"),
+            b"again"
+        );
+    }
+    println!("{waiter}: 2000 sequential calls beside 32 idle sessions in {busy:?}");
+
+    // A client killed with calls in flight (to a server app that holds
+    // them): the proxy notices, others go on.
+    let mut hang = KillOnDrop(
+        Command::new(bin("meshshm-rogue"))
+            .args(["serve-hang", "--socket"])
+            .arg(&p.socket)
+            .args(["--service", "hang"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("meshshm-rogue"),
+    );
+    let mut line = String::new();
+    BufReader::new(hang.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("server output");
+    assert!(
+        line.starts_with("ready"),
+        "{waiter}: hang server said {line:?}"
+    );
+    let mut victim = KillOnDrop(
+        Command::new(bin("meshshm-work"))
+            .args(["inflight", "--socket"])
+            .arg(&p.socket)
+            .args([
+                "--service",
+                "hang",
+                "--threads",
+                "4",
+                "--timeout-ms",
+                "60000",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("meshshm-work"),
+    );
+    let mut line = String::new();
+    BufReader::new(victim.0.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("victim output");
+    assert!(
+        line.starts_with("inflight"),
+        "{waiter}: victim said {line:?}"
+    );
+    let vpid = victim.0.id();
+    let _ = victim.0.kill();
+    let _ = victim.0.wait();
+    // (The log may be coloured: look for the pid, not "pid=N".)
+    let closed = vpid.to_string();
+    assert!(
+        eventually(T, || p
+            .log_text()
+            .lines()
+            .any(|l| l.contains("shm session closed") && l.contains(&closed))),
+        "{waiter}: the death of {vpid} went unnoticed:\n{}",
+        p.log_text()
+    );
+    assert_eq!(
+        c.call("echo", "E", b"still", T).expect("after kill"),
+        b"still"
+    );
+    assert_eq!(
+        c.call("upper", "U", b"still", T).expect("after kill"),
+        b"STILL"
+    );
+    drop(idle);
+
+    // Clean shutdown with a session open: exit 0, socket and segments gone.
+    let pid = p.pid();
+    assert!(p.terminate(), "{waiter}: unclean exit:\n{}", p.log_text());
+    assert!(p.log_text().contains("meshshm-proxy stopped"), "{waiter}");
+    assert!(!p.socket.exists(), "{waiter}: socket left behind");
+    assert!(
+        shm_leftovers_of(pid).is_empty(),
+        "{waiter}: segments left in /dev/shm"
+    );
+    assert!(c.call("echo", "E", b"x", Duration::from_secs(2)).is_err());
+}
+
+#[test]
+fn epoll_waiter_serves_forwards_survives_kills_and_shuts_down() {
+    check_waiter("epoll");
+}
+
+#[test]
+fn io_uring_waiter_serves_forwards_survives_kills_and_shuts_down() {
+    if uring_usable() {
+        check_waiter("io_uring");
+    }
+}
+
+/// Start the proxy under `meshshm-no-uring` (io_uring_setup refused by a
+/// seccomp filter) with `waiter`; the ready line, or the exit status and log.
+fn start_refused(dir: &TempDir, waiter: &str) -> Result<(KillOnDrop, String), (i32, String)> {
+    let socket = dir.0.join(format!("{waiter}.sock"));
+    let log = dir.0.join(format!("{waiter}.log"));
+    let mut child = Command::new(bin("meshshm-no-uring"))
+        .arg(bin("meshshm-proxy"))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--tcp", "off", "--admin", "off", "--waiter", waiter])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("meshshm-no-uring");
+    let mut line = String::new();
+    let _ = BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line);
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    if line.starts_with("meshshm-proxy ready") {
+        return Ok((KillOnDrop(child), text()));
+    }
+    let st = child.wait().expect("wait");
+    Err((st.code().unwrap_or(-1), text()))
+}
+
+#[test]
+fn auto_falls_back_to_epoll_where_io_uring_is_refused() {
+    let dir = TempDir::new("no-uring");
+    // auto: starts, says why it uses epoll, and serves.
+    let (_proxy, log) = start_refused(&dir, "auto")
+        .unwrap_or_else(|(code, log)| panic!("auto under the filter exited with {code}:\n{log}"));
+    assert!(
+        log.contains("falling back to epoll") && log.contains("io_uring_setup"),
+        "no fallback line naming the reason:\n{log}"
+    );
+    let c = meshshm::Client::connect(Some(&dir.0.join("auto.sock"))).expect("connect");
+    let b = body(7, 100_000);
+    assert!(
+        c.call("echo", "E", &b, T)
+            .expect("echo under epoll fallback")
+            == b
+    );
+    // A forced io_uring where it is refused: a clear error, not a silent fallback.
+    match start_refused(&dir, "io_uring") {
+        Ok(_) => panic!("waiter = io_uring started although io_uring_setup is refused"),
+        Err((code, log)) => {
+            assert_ne!(code, 0);
+            assert!(log.contains("io_uring_setup"), "{log}");
+        }
+    }
+}
