@@ -120,16 +120,24 @@ fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
         }
         // Idle: poll for `spin` (as the proxy does), then sleep on the
         // doorbell, the control socket being the second fd.
-        let Endpoint { tx, rx, waiter, .. } = &mut ep;
+        let Endpoint {
+            tx,
+            rx,
+            waiter,
+            peer,
+            ..
+        } = &mut ep;
         let pending = !out.is_empty();
-        let free0 = if pending {
-            tx.free_space().map_err(s)?
-        } else {
-            0
-        };
         let mut ready = || {
             if pending {
-                tx.free_space().map_or(true, |f| f > free0)
+                // Answers wait for room: try again (wait_until does so after
+                // announcing sleep, so room the parent frees meanwhile cannot
+                // be missed; a pad written on the way is published).
+                let moved = flush_out(tx, &mut out).unwrap_or(true);
+                if tx.publish() {
+                    peer.notify();
+                }
+                moved
             } else {
                 rx.has_data().unwrap_or(true)
             }
