@@ -85,6 +85,9 @@ pub struct Uring {
     free: Vec<u32>,
     /// Operations in flight (submitted or queued), cancels excluded.
     inflight: usize,
+    /// Completions reaped early (to make room while submitting), handed
+    /// out by the next [`Uring::wait`] if their watch still lives.
+    backlog: Vec<(Watch, Completion)>,
 }
 
 fn user_data(w: Watch) -> u64 {
@@ -118,6 +121,7 @@ impl Uring {
             slots: Vec::new(),
             free: Vec::new(),
             inflight: 0,
+            backlog: Vec::new(),
         })
     }
 
@@ -297,7 +301,14 @@ impl Uring {
             match self.ring.submit() {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.ring.completion().sync(),
+                // The completion queue is full (a burst of doorbells): the
+                // kernel takes no more until some are reaped. Reap them now,
+                // for the next `wait` to hand out, else this loop never ends.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    let mut early = Vec::new();
+                    self.reap_from(&mut early);
+                    self.backlog.extend(early);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -341,11 +352,19 @@ impl Uring {
     /// # Errors
     /// A failing `io_uring_enter` (not EINTR).
     pub fn wait(&mut self, block: bool, out: &mut Vec<Completion>) -> io::Result<()> {
+        let block = block && self.backlog.is_empty();
+        for (w, c) in std::mem::take(&mut self.backlog) {
+            if self.slot(w).is_some() {
+                out.push(c);
+            }
+        }
         let pending = {
             let sq = self.ring.submission();
             // Completions wait as task work until this thread enters the
-            // kernel (cooperative task running): enter if the kernel says so.
-            !sq.is_empty() || sq.taskrun()
+            // kernel (cooperative task running), and completions past a
+            // full completion queue wait in the kernel's overflow list until
+            // an enter flushes them: enter if the kernel says either.
+            !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
         };
         let ready = !self.ring.completion().is_empty();
         if block && !ready {
@@ -368,6 +387,14 @@ impl Uring {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
+        let mut with = Vec::new();
+        self.reap_from(&mut with);
+        out.extend(with.into_iter().map(|(_, c)| c));
+    }
+
+    /// Take every completion the kernel posted; those of live watches go
+    /// to `out` with their watch.
+    fn reap_from(&mut self, out: &mut Vec<(Watch, Completion)>) {
         let mut cq = self.ring.completion();
         cq.sync();
         for c in &mut cq {
@@ -398,10 +425,13 @@ impl Uring {
                 s.fd = None;
                 self.free.push(w.idx);
             } else {
-                out.push(Completion {
-                    key: s.key,
-                    result: c.result(),
-                });
+                out.push((
+                    w,
+                    Completion {
+                        key: s.key,
+                        result: c.result(),
+                    },
+                ));
             }
         }
     }
@@ -612,5 +642,75 @@ mod tests {
         }
         assert!(u.is_empty());
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    /// A burst of doorbells larger than the completion queue while more
+    /// waits are being queued (a flood by hostile apps): nothing hangs, and
+    /// every doorbell is reported (re-arming the multishot polls the
+    /// overflow ended).
+    #[test]
+    fn completion_queue_overflow_loses_no_doorbell_and_never_hangs() {
+        if let Err(why) = Uring::probe() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        const N: usize = 96;
+        let mut u = Uring::new(8).unwrap();
+        let mut raws = Vec::new();
+        let mut watches = Vec::new();
+        for k in 0..N {
+            let e = eventfd().unwrap();
+            raws.push(e.as_raw_fd());
+            let w = u.register(e, WatchKind::Rung, k as u64);
+            u.arm(w).unwrap();
+            watches.push(w);
+        }
+        let mut out = Vec::new();
+        u.wait(false, &mut out).unwrap();
+        let t0 = Instant::now();
+        for round in 0..3 {
+            for &r in &raws {
+                ring_eventfd(r);
+            }
+            // More submissions while the completions pile up: pushes past
+            // the small submission queue submit early.
+            let mut extra = Vec::new();
+            for k in 0..N {
+                let e = eventfd().unwrap();
+                let w = u.register(e, WatchKind::Read, 1000 + k as u64);
+                u.arm(w).unwrap();
+                extra.push(w);
+            }
+            let mut seen = [false; N];
+            while seen.iter().any(|s| !s) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "round {round}: doorbells never reported: {:?}",
+                    seen.iter()
+                        .enumerate()
+                        .filter(|(_, s)| !**s)
+                        .map(|(i, _)| i)
+                        .collect::<Vec<_>>()
+                );
+                out.clear();
+                u.wait(false, &mut out).unwrap();
+                for c in &out {
+                    if (c.key as usize) < N {
+                        seen[c.key as usize] = true;
+                    }
+                }
+                for (k, &w) in watches.iter().enumerate() {
+                    if !u.is_armed(w) {
+                        // Ended by the overflow: re-arm, and ring again so
+                        // that a doorbell lost with it is seen.
+                        u.arm(w).unwrap();
+                        ring_eventfd(raws[k]);
+                    }
+                }
+            }
+            for w in extra {
+                u.unregister(w);
+            }
+        }
     }
 }
