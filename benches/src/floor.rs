@@ -128,6 +128,12 @@ fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
             ..
         } = &mut ep;
         let pending = !out.is_empty();
+        // As the proxy: woken for room only while answers wait for it.
+        waiter.set_want(if pending {
+            meshshm_ring::WANT_ANY
+        } else {
+            meshshm_ring::WANT_DATA
+        });
         let mut ready = || {
             if pending {
                 // Answers wait for room: try again (wait_until does so after
@@ -332,11 +338,11 @@ fn drain(
         f.release();
         if rx.unpublished() >= rx.capacity() / 4 {
             rx.publish();
-            peer.notify();
+            peer.notify_room();
         }
     }
     if rx.publish() {
-        peer.notify();
+        peer.notify_room();
     }
     Ok(n)
 }
@@ -360,6 +366,7 @@ impl FloorConn {
     pub fn open(ctl: &UnixStream, o: &FloorOpts) -> Result<FloorConn, String> {
         let mut ep = open_session(ctl, o)?;
         ep.waiter.set_spin(o.client_spin);
+        ep.waiter.set_want(meshshm_ring::WANT_DATA);
         let ctl = ctl.try_clone().map_err(s)?;
         ep.waiter.watch(ctl.as_fd()).map_err(s)?;
         Ok(FloorConn {
@@ -440,6 +447,7 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
         max_message,
     } = open_session(ctl, o)?;
     waiter.set_spin(o.client_spin);
+    waiter.set_want(meshshm_ring::WANT_DATA);
     let closing = Arc::new(AtomicBool::new(false));
     let ftx = FloorTx {
         tx,

@@ -101,6 +101,10 @@ impl ShmLink {
             max_message,
         } = seg.into_endpoint(Side::App, app_bell, proxy_bell);
         waiter.set_spin(o.spin);
+        // This side waits for answers, never for room (a full ring is
+        // waited out by polling): the proxy need not ring when it only
+        // released what it read.
+        waiter.set_want(meshshm_ring::WANT_DATA);
         ctl.set_read_timeout(None)
             .map_err(|e| Error::connect(&target, e))?;
         // The waiter blocks in an epoll set: the doorbell edge-triggered
@@ -222,11 +226,12 @@ impl ShmLink {
             f.release();
             if consumer.unpublished() >= consumer.capacity() / 4 {
                 consumer.publish();
-                self.peer.notify();
+                self.peer.notify_room();
             }
         }
         if consumer.publish() {
-            self.peer.notify();
+            // Room for the proxy: it is woken only if it waits for room.
+            self.peer.notify_room();
         }
         Ok(n)
     }

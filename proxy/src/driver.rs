@@ -207,8 +207,9 @@ fn run(me: Arc<Inbox>, uring: Uring, own: OwnedFd, waiter: meshshm_ring::Waiter)
             // Busy: submit the waits of sessions that went to sleep and
             // reap what completed (no syscall when neither), so that
             // sleeping sessions are heard while others keep the thread busy.
-            if let Err(e) = io.pump(false) {
-                tracing::error!(error = %e, "shm driver: io_uring");
+            match io.pump(false) {
+                Ok(wakers) => wakers.into_iter().for_each(Waker::wake),
+                Err(e) => tracing::error!(error = %e, "shm driver: io_uring"),
             }
             continue;
         }
@@ -223,9 +224,12 @@ fn run(me: Arc<Inbox>, uring: Uring, own: OwnedFd, waiter: meshshm_ring::Waiter)
         }
         let r = io.arm(&own).and_then(|()| io.pump(true));
         waiter.cancel_sleep();
-        if let Err(e) = r {
-            tracing::error!(error = %e, "shm driver: io_uring wait");
-            std::thread::sleep(std::time::Duration::from_millis(1));
+        match r {
+            Ok(wakers) => wakers.into_iter().for_each(Waker::wake),
+            Err(e) => {
+                tracing::error!(error = %e, "shm driver: io_uring wait");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
         }
     }
 }
@@ -296,9 +300,12 @@ impl Io {
         st.uring.arm(watch)
     }
 
-    /// Submit queued waits; with `block`, sleep until one completes. Wakes
-    /// the sessions whose waits completed.
-    fn pump(&self, block: bool) -> std::io::Result<()> {
+    /// Submit queued waits; with `block`, sleep until one completes.
+    /// Returns the wakers of the sessions whose waits completed: the caller
+    /// wakes them once it no longer announces sleep (a wake-up while the
+    /// announcement stands would ring the thread's own eventfd: a syscall,
+    /// and a spurious return from the next sleep).
+    fn pump(&self, block: bool) -> std::io::Result<Vec<Waker>> {
         let mut wakers = Vec::new();
         {
             let mut st = self.lock();
@@ -311,10 +318,7 @@ impl Io {
                 }
             }
         }
-        for w in wakers {
-            w.wake();
-        }
-        Ok(())
+        Ok(wakers)
     }
 }
 

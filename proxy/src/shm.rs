@@ -776,8 +776,13 @@ impl Session {
             if woke {
                 continue;
             }
-            // Sleep on the doorbell, the control socket and the channels.
-            self.ep.waiter.announce_sleep();
+            // Sleep on the doorbell, the control socket and the channels;
+            // woken by the app for room only while answers wait for it.
+            self.ep.waiter.announce_sleep_for(if self.out.is_empty() {
+                meshshm_ring::WANT_DATA
+            } else {
+                meshshm_ring::WANT_ANY
+            });
             let flushed = match self.out.is_empty() {
                 true => Ok(false),
                 false => self.flush_out(),

@@ -33,6 +33,14 @@ use crossbeam_utils::CachePadded;
 
 use crate::sync::{fence, spin_hint, AtomicU32, Ordering};
 
+/// What a sleeper waits for: bits of its wake cell's `sleeping` word.
+/// New data in the ring it reads (the peer published frames).
+pub const WANT_DATA: u32 = 1;
+/// Room in the ring it writes (the peer released frames).
+pub const WANT_ROOM: u32 = 2;
+/// Either (what [`Waiter::announce_sleep`] announces unless told otherwise).
+pub const WANT_ANY: u32 = WANT_DATA | WANT_ROOM;
+
 /// One side's sleep announcement, in shared memory.
 #[repr(C)]
 pub struct WakeCell {
@@ -41,8 +49,8 @@ pub struct WakeCell {
 
 #[repr(C)]
 struct WakeCellInner {
-    /// 1 while the owner is (about to be) blocked; set by the owner, cleared
-    /// by whoever wakes it.
+    /// Non-zero while the owner is (about to be) blocked: the `WANT_*` bits
+    /// of what should wake it. Set by the owner, cleared by whoever wakes it.
     sleeping: AtomicU32,
     /// Bumped by each wake; the futex word.
     seq: AtomicU32,
@@ -145,6 +153,9 @@ pub struct Waiter {
     cell: CellRef,
     bell: Bell,
     spin: u32,
+    /// What [`Waiter::announce_sleep`] (and so `wait_until`) asks to be
+    /// woken for; [`WANT_ANY`] unless set.
+    want: u32,
     /// Set by [`Waiter::watch`]: an epoll set with the eventfd (edge-triggered)
     /// and the watched fd.
     epoll: Option<Arc<OwnedFd>>,
@@ -170,6 +181,7 @@ pub fn heap_doorbell(bell: Bell, spin: u32) -> (Waiter, Notifier) {
             cell: r.clone(),
             bell: bell.clone(),
             spin,
+            want: WANT_ANY,
             epoll: None,
         },
         Notifier { cell: r, bell },
@@ -190,6 +202,7 @@ pub(crate) fn pair_on(
             cell: r.clone(),
             bell: bell.clone(),
             spin: 0,
+            want: WANT_ANY,
             epoll: None,
         },
         Notifier { cell: r, bell },
@@ -197,6 +210,11 @@ pub(crate) fn pair_on(
 }
 
 impl Waiter {
+    /// What [`Waiter::announce_sleep`] and `wait_until` ask to be woken for.
+    pub fn set_want(&mut self, want: u32) {
+        self.want = want.max(1);
+    }
+
     /// Set how many times [`Waiter::wait_until`] polls before it sleeps (0 = never spin).
     pub fn set_spin(&mut self, spin: u32) {
         self.spin = spin;
@@ -257,9 +275,17 @@ impl Waiter {
     /// ([`Waiter::block`], or wait for the eventfd in an event loop, then
     /// [`Waiter::cancel_sleep`]). Returns the token for `block`.
     pub fn announce_sleep(&self) -> u32 {
+        self.announce_sleep_for(self.want)
+    }
+
+    /// [`Waiter::announce_sleep`], asking to be woken only for `want`
+    /// ([`WANT_DATA`], [`WANT_ROOM`] or both). A side that waits for
+    /// answers and never for room (it pauses instead) saves the peer's
+    /// wake-up each time the peer releases what it read.
+    pub fn announce_sleep_for(&self, want: u32) -> u32 {
         let c = self.cell.get();
         let seq = c.seq.load(Ordering::Acquire);
-        c.sleeping.store(1, Ordering::Relaxed);
+        c.sleeping.store(want.max(1), Ordering::Relaxed);
         // SYNC POINT C: the flag store is ordered before the caller's
         // re-check of the ring counters (pairs with Notifier::notify's fence).
         fence(Ordering::SeqCst);
@@ -409,11 +435,27 @@ impl Notifier {
     /// Wake the other side if (and only if) it announced sleep. Call after
     /// publishing. No syscall when nobody sleeps.
     pub fn notify(&self) {
+        self.notify_for(WANT_ANY);
+    }
+
+    /// Wake the other side if it sleeps waiting for room: call after
+    /// publishing what this side released (a consumer's `publish`).
+    pub fn notify_room(&self) {
+        self.notify_for(WANT_ROOM);
+    }
+
+    /// Wake the other side if it announced sleep for any of `what`.
+    pub fn notify_for(&self, what: u32) {
         // SYNC POINT C: our publish (a store) is ordered before the flag
         // load (pairs with Waiter::announce_sleep's fence).
         fence(Ordering::SeqCst);
         let c = self.cell.get();
-        if c.sleeping.load(Ordering::Relaxed) != 0 && c.sleeping.swap(0, Ordering::AcqRel) != 0 {
+        // Clear the flag only to ring: a flag cleared without a ring would
+        // leave its owner asleep with nobody to wake it. (A flag that
+        // changed between the load and the swap still gets its ring.)
+        if c.sleeping.load(Ordering::Relaxed) & what != 0
+            && c.sleeping.swap(0, Ordering::AcqRel) != 0
+        {
             c.seq.fetch_add(1, Ordering::Release);
             self.ring();
         }

@@ -46,7 +46,9 @@ mod sync;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 pub mod uring;
 
-pub use doorbell::{heap_doorbell, Bell, Notifier, WaitOutcome, Waiter, WakeCell};
+pub use doorbell::{
+    heap_doorbell, Bell, Notifier, WaitOutcome, Waiter, WakeCell, WANT_ANY, WANT_DATA, WANT_ROOM,
+};
 pub use error::{RingError, SegmentError};
 pub use fragment::{write_message, Message, Reassembler, WriteProgress};
 pub use frame::{

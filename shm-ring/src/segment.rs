@@ -423,8 +423,11 @@ impl Endpoint {
     pub fn flush(&mut self) {
         let a = self.tx.publish();
         let b = self.rx.publish();
-        if a || b {
+        if a {
             self.peer.notify();
+        } else if b {
+            // Only room was freed: wake the peer only if it waits for room.
+            self.peer.notify_room();
         }
     }
 }

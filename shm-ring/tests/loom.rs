@@ -30,7 +30,7 @@ use loom::sync::Arc;
 use loom::thread;
 use meshshm_ring::{
     heap_doorbell, heap_ring, Bell, Consumer, FrameHeader, FrameKind, Producer, RingError,
-    WaitOutcome,
+    WaitOutcome, WANT_DATA, WANT_ROOM,
 };
 
 /// Payload of frame `i`: `len` bytes of a pattern that depends on `i`.
@@ -223,5 +223,43 @@ fn ring_with_doorbell() {
             rx.publish();
         }
         p.join().unwrap();
+    });
+}
+
+/// Wake reasons: a waiter that announced it waits only for room is woken
+/// by `notify_room` alone, and one that waits for data is not kept asleep
+/// by a `notify_room` (that neither rings it nor clears its announcement)
+/// before the data's `notify`.
+#[test]
+fn doorbell_wake_reasons() {
+    loom::model(|| {
+        let (mut waiter, notifier) = heap_doorbell(Bell::Futex, 0);
+        waiter.set_want(WANT_ROOM);
+        let room = Arc::new(AtomicBool::new(false));
+        let data = Arc::new(AtomicBool::new(false));
+        let woke = Arc::new(AtomicBool::new(false));
+        let (r2, d2, w2) = (room.clone(), data.clone(), woke.clone());
+        let n = thread::spawn(move || {
+            r2.store(true, Ordering::Release);
+            notifier.notify_room();
+            // Nothing else wakes the first wait: only notify_room can.
+            while !w2.load(Ordering::Acquire) {
+                thread::yield_now();
+            }
+            notifier.notify_room();
+            d2.store(true, Ordering::Release);
+            notifier.notify();
+        });
+        let out = waiter
+            .wait_until(|| room.load(Ordering::Acquire), None, None)
+            .unwrap();
+        assert_eq!(out, WaitOutcome::Ready);
+        woke.store(true, Ordering::Release);
+        waiter.set_want(WANT_DATA);
+        let out = waiter
+            .wait_until(|| data.load(Ordering::Acquire), None, None)
+            .unwrap();
+        assert_eq!(out, WaitOutcome::Ready);
+        n.join().unwrap();
     });
 }
