@@ -267,39 +267,13 @@ fn overload_sheds_low_priority_first_and_high_keeps_flowing() {
     );
     let app = App::start(&p, "slow", Duration::from_millis(10), b"ok");
     let c = p.client();
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts = Arc::new(Mutex::new([[0u64; 2]; 3])); // [prio][ok, shed]
-    let mut ths = Vec::new();
-    for (prio, n) in [(0u8, 12), (2u8, 4)] {
-        for _ in 0..n {
-            let (c, stop, counts) = (c.clone(), stop.clone(), counts.clone());
-            ths.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let s = invoke(&c, "slow", prio, &[]);
-                    let mut k = counts.lock().unwrap();
-                    match s {
-                        0 => k[prio as usize][0] += 1,
-                        8 => k[prio as usize][1] += 1,
-                        other => panic!("priority {prio}: status {other}"),
-                    }
-                    drop(k);
-                    if s == 8 {
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                }
-            }));
-        }
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    for t in ths {
-        t.join().unwrap();
-    }
-    let k = *counts.lock().unwrap();
-    println!("low ok/shed {:?}, high ok/shed {:?}", k[0], k[2]);
-    assert!(k[0][1] > 0, "no low-priority request shed: {k:?}");
-    assert_eq!(k[2][1], 0, "a high-priority request was shed: {k:?}");
-    assert!(k[2][0] > 0, "high priority did not flow: {k:?}");
+    let k = mixed_priority_load(
+        &c,
+        &[(0, 12), (2, 4)],
+        Duration::from_millis(2),
+        |c, prio| (invoke(c, "slow", prio, &[]), String::new()),
+    );
+    assert_low_shed_first(&k);
     let m = metrics(&p);
     assert_eq!(
         metric(&m, r#"meshshm_shed_total{service="slow",priority="low"}"#),
@@ -709,6 +683,52 @@ fn an_app_over_shm_calls_a_plain_http_service() {
     stop.store(true, Ordering::Relaxed);
 }
 
+/// Callers of each priority of `mix` ((priority, threads)) call `call`
+/// in a loop for 1.5 s, pausing `backoff` after a shed; returns the OK and
+/// shed (RESOURCE_EXHAUSTED) counts per priority. Any other status fails.
+fn mixed_priority_load(
+    c: &Client,
+    mix: &[(u8, usize)],
+    backoff: Duration,
+    call: fn(&Client, u8) -> (u32, String),
+) -> [[u64; 2]; 3] {
+    let stop = AtomicBool::new(false);
+    let counts = Mutex::new([[0u64; 2]; 3]); // [prio][ok, shed]
+    std::thread::scope(|sc| {
+        for &(prio, n) in mix {
+            for _ in 0..n {
+                let (stop, counts) = (&stop, &counts);
+                sc.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let (s, msg) = call(c, prio);
+                        let shed = match s {
+                            status::OK => false,
+                            status::RESOURCE_EXHAUSTED => true,
+                            other => panic!("priority {prio}: status {other} {msg}"),
+                        };
+                        counts.lock().unwrap()[prio as usize][usize::from(shed)] += 1;
+                        if shed {
+                            std::thread::sleep(backoff);
+                        }
+                    }
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        stop.store(true, Ordering::Relaxed);
+    });
+    let k = *counts.lock().unwrap();
+    println!("low ok/shed {:?}, high ok/shed {:?}", k[0], k[2]);
+    k
+}
+
+/// Low priority was shed, high priority never was and kept flowing.
+fn assert_low_shed_first(k: &[[u64; 2]; 3]) {
+    assert!(k[0][1] > 0, "no low-priority request shed: {k:?}");
+    assert_eq!(k[2][1], 0, "a high-priority request was shed: {k:?}");
+    assert!(k[2][0] > 0, "high priority did not flow: {k:?}");
+}
+
 /// One call of `service`/`method` with `timeout` and `priority`: (status, message, elapsed).
 /// A call the client gave up on itself counts as DEADLINE_EXCEEDED.
 fn call_m(
@@ -890,42 +910,19 @@ fn queueing_time_sheds_low_priority_first_and_recovers_when_the_queue_empties() 
     );
     let app = App::start(&p, "qt", Duration::from_millis(20), b"ok");
     let c = p.client();
-    let stop = Arc::new(AtomicBool::new(false));
-    let counts = Arc::new(Mutex::new([[0u64; 2]; 3])); // [prio][ok, shed]
-    let mut ths = Vec::new();
-    for (prio, n) in [(0u8, 6), (2u8, 2)] {
-        for _ in 0..n {
-            let (c, stop, counts) = (c.clone(), stop.clone(), counts.clone());
-            ths.push(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let (s, msg, _) = call_m(&c, "qt", "M", prio, T);
-                    let mut k = counts.lock().unwrap();
-                    match s {
-                        0 => k[prio as usize][0] += 1,
-                        8 => {
-                            assert!(msg.contains("queueing time"), "{msg}");
-                            k[prio as usize][1] += 1
-                        }
-                        other => panic!("priority {prio}: status {other} {msg}"),
-                    }
-                    drop(k);
-                    if s == 8 {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                }
-            }));
-        }
-    }
-    std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    for t in ths {
-        t.join().unwrap();
-    }
-    let k = *counts.lock().unwrap();
-    println!("low ok/shed {:?}, high ok/shed {:?}", k[0], k[2]);
-    assert!(k[0][1] > 0, "no low-priority request shed: {k:?}");
-    assert_eq!(k[2][1], 0, "a high-priority request was shed: {k:?}");
-    assert!(k[2][0] > 0, "high priority did not flow: {k:?}");
+    let k = mixed_priority_load(
+        &c,
+        &[(0, 6), (2, 2)],
+        Duration::from_millis(5),
+        |c, prio| {
+            let (s, msg, _) = call_m(c, "qt", "M", prio, T);
+            if s == status::RESOURCE_EXHAUSTED {
+                assert!(msg.contains("queueing time"), "{msg}");
+            }
+            (s, msg)
+        },
+    );
+    assert_low_shed_first(&k);
     // No queue any more: low priority goes through again (the queueing
     // time measured under load does not shed forever).
     let (st, msg, _) = call_m(&c, "qt", "M", 0, T);
