@@ -4,9 +4,9 @@
 //!
 //! Built on the shim's `AsyncClient`: each sent call is a task on one small
 //! tokio runtime shared by the library (one worker thread, started on first
-//! use); each client's async connection has a reader thread of its own
-//! (the shim's). A finished call is pushed on the client's completion queue
-//! and the eventfd is signalled.
+//! use); each client's async connection is read by a task on that runtime
+//! (the shim's reader: no thread of its own). A finished call is pushed on
+//! the client's completion queue and the eventfd is signalled.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void};
@@ -20,9 +20,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::runtime::Runtime;
 
-use crate::args::{bytes_arg, str_arg, wait_timeout};
+use crate::args::wait_timeout;
 use crate::buffer::{free_c_string, give_c_string, meshshm_buffer};
-use crate::client::{handle, meshshm_client, ClientHandle};
+use crate::client::{call_args, handle, meshshm_client, CallArgs, ClientHandle};
 use crate::error::{
     guard, guard_void, response_result, Fail, Res, MESHSHM_ERR_CANCELLED, MESHSHM_ERR_CLOSED,
     MESHSHM_ERR_NOT_FOUND, MESHSHM_OK,
@@ -161,7 +161,7 @@ fn state(h: &ClientHandle) -> Res<&Arc<AsyncState>> {
 /// NULL) receives the call's id, for `meshshm_client_cancel`.
 ///
 /// The first asynchronous use of a client opens a second connection to the
-/// proxy for it (served by a reader thread), so it may fail with
+/// proxy for it (read on the library's runtime thread), so it may fail with
 /// `MESHSHM_ERR_CONNECT`.
 ///
 /// # Safety
@@ -178,22 +178,9 @@ pub unsafe extern "C" fn meshshm_client_send(
     call_id: *mut u64,
 ) -> c_int {
     guard(|| {
-        // SAFETY: the caller's promises, passed on (here and below).
-        let h = unsafe { handle(c) }?;
-        // SAFETY: as above.
-        let service = unsafe { str_arg(service, "service") }?;
-        // SAFETY: as above.
-        let method = unsafe { str_arg(method, "method") }?;
-        // SAFETY: as above.
-        let body = unsafe { bytes_arg(body, body_len) }?;
-        let id = send(
-            h,
-            service,
-            method,
-            body,
-            CallOpts::plain(timeout_ms),
-            user_data,
-        )?;
+        // SAFETY: the caller's promises, passed on.
+        let a = unsafe { call_args(c, service, method, body, body_len) }?;
+        let id = send(&a, CallOpts::plain(timeout_ms), user_data)?;
         if !call_id.is_null() {
             // SAFETY: not NULL, and the caller promises it is writable.
             unsafe { call_id.write(id) };
@@ -223,16 +210,10 @@ pub unsafe extern "C" fn meshshm_client_send_opts(
 ) -> c_int {
     guard(|| {
         // SAFETY: the caller's promises, passed on (here and below).
-        let h = unsafe { handle(c) }?;
-        // SAFETY: as above.
-        let service = unsafe { str_arg(service, "service") }?;
-        // SAFETY: as above.
-        let method = unsafe { str_arg(method, "method") }?;
-        // SAFETY: as above.
-        let body = unsafe { bytes_arg(body, body_len) }?;
+        let a = unsafe { call_args(c, service, method, body, body_len) }?;
         // SAFETY: as above.
         let opts = unsafe { call_options(options) }?;
-        let id = send(h, service, method, body, opts, user_data)?;
+        let id = send(&a, opts, user_data)?;
         if !call_id.is_null() {
             // SAFETY: not NULL, and the caller promises it is writable.
             unsafe { call_id.write(id) };
@@ -242,16 +223,9 @@ pub unsafe extern "C" fn meshshm_client_send_opts(
 }
 
 /// Start one asynchronous call; its id.
-fn send(
-    h: &ClientHandle,
-    service: &str,
-    method: &str,
-    body: &[u8],
-    opts: CallOpts,
-    user_data: u64,
-) -> Res<u64> {
-    let (service, method, body) = (service.to_owned(), method.to_owned(), body.to_vec());
-    let st = state(h)?;
+fn send(a: &CallArgs<'_>, opts: CallOpts, user_data: u64) -> Res<u64> {
+    let (service, method, body) = (a.service.to_owned(), a.method.to_owned(), a.body.to_vec());
+    let st = state(a.h)?;
     if st.closed.load(Ordering::Acquire) {
         return Err(Fail::new(MESHSHM_ERR_CLOSED, "the client is closed"));
     }

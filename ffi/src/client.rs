@@ -43,6 +43,43 @@ pub(crate) unsafe fn handle<'a>(c: *mut meshshm_client) -> Res<&'a ClientHandle>
     unsafe { c.cast::<ClientHandle>().as_ref() }.ok_or_else(|| Fail::arg("client is NULL"))
 }
 
+/// The arguments every call takes, checked: the client and the request.
+pub(crate) struct CallArgs<'a> {
+    pub(crate) h: &'a ClientHandle,
+    pub(crate) service: &'a str,
+    pub(crate) method: &'a str,
+    pub(crate) body: &'a [u8],
+}
+
+/// Check a call's arguments.
+///
+/// # Safety
+/// As `meshshm_client_call`: `c` is a live client, `service` and `method`
+/// are NUL-terminated strings, `body` points to `body_len` readable bytes
+/// (or is NULL with `body_len` 0), all for the life `'a` of the result.
+pub(crate) unsafe fn call_args<'a>(
+    c: *mut meshshm_client,
+    service: *const c_char,
+    method: *const c_char,
+    body: *const c_void,
+    body_len: usize,
+) -> Res<CallArgs<'a>> {
+    // SAFETY: the caller's promises, passed on (here and below).
+    let h = unsafe { handle(c) }?;
+    // SAFETY: as above.
+    let service = unsafe { str_arg(service, "service") }?;
+    // SAFETY: as above.
+    let method = unsafe { str_arg(method, "method") }?;
+    // SAFETY: as above.
+    let body = unsafe { bytes_arg(body, body_len) }?;
+    Ok(CallArgs {
+        h,
+        service,
+        method,
+        body,
+    })
+}
+
 /// Connect to the proxy over shared memory.
 ///
 /// `socket_path` is the proxy's control socket; NULL or "" means the default
@@ -110,37 +147,25 @@ pub unsafe extern "C" fn meshshm_client_call(
         let response = unsafe { out_arg(response, "response") }?;
         *response = meshshm_buffer::EMPTY;
         // SAFETY: as above.
-        let h = unsafe { handle(c) }?;
-        // SAFETY: as above.
-        let service = unsafe { str_arg(service, "service") }?;
-        // SAFETY: as above.
-        let method = unsafe { str_arg(method, "method") }?;
-        // SAFETY: as above.
-        let body = unsafe { bytes_arg(body, body_len) }?;
-        let bytes = invoke(h, service, method, body, &CallOpts::plain(timeout_ms))?;
+        let a = unsafe { call_args(c, service, method, body, body_len) }?;
+        let bytes = invoke(&a, &CallOpts::plain(timeout_ms))?;
         *response = meshshm_buffer::from_vec(bytes);
         Ok(MESHSHM_OK)
     })
 }
 
 /// Make one blocking call; the response body if its status is OK.
-fn invoke(
-    h: &ClientHandle,
-    service: &str,
-    method: &str,
-    body: &[u8],
-    opts: &CallOpts,
-) -> Res<Vec<u8>> {
+fn invoke(a: &CallArgs<'_>, opts: &CallOpts) -> Res<Vec<u8>> {
     let headers = opts.header_refs();
     let call = shim::Call {
-        service,
-        method,
-        body,
+        service: a.service,
+        method: a.method,
+        body: a.body,
         headers: &headers,
         timeout: opts.timeout,
         priority: opts.priority,
     };
-    response_result(h.client.invoke(&call)?).map_err(|(f, _)| f)
+    response_result(a.h.client.invoke(&call)?).map_err(|(f, _)| f)
 }
 
 /// As `meshshm_client_call`, with request headers, a priority and the
@@ -169,16 +194,10 @@ pub unsafe extern "C" fn meshshm_client_call_opts(
         let response = unsafe { out_arg(response, "response") }?;
         *response = meshshm_buffer::EMPTY;
         // SAFETY: as above.
-        let h = unsafe { handle(c) }?;
-        // SAFETY: as above.
-        let service = unsafe { str_arg(service, "service") }?;
-        // SAFETY: as above.
-        let method = unsafe { str_arg(method, "method") }?;
-        // SAFETY: as above.
-        let body = unsafe { bytes_arg(body, body_len) }?;
+        let a = unsafe { call_args(c, service, method, body, body_len) }?;
         // SAFETY: as above.
         let opts = unsafe { call_options(options) }?;
-        let bytes = invoke(h, service, method, body, &opts)?;
+        let bytes = invoke(&a, &opts)?;
         *response = meshshm_buffer::from_vec(bytes);
         Ok(MESHSHM_OK)
     })
