@@ -223,7 +223,7 @@ const char *meshshm_version(void);
 // NULL) receives the call's id, for `meshshm_client_cancel`.
 //
 // The first asynchronous use of a client opens a second connection to the
-// proxy for it (served by a reader thread), so it may fail with
+// proxy for it (read on the library's runtime thread), so it may fail with
 // `MESHSHM_ERR_CONNECT`.
 //
 // # Safety
