@@ -96,7 +96,7 @@ fn app_killed_mid_request_is_noticed_and_its_upstream_requests_cancelled() {
     let p = proxy(&mut t, named_segments());
     let hang = serve_hang(&p, "hang");
     let others = bystanders(&p);
-    let (fds, maps) = (fd_count(p.pid()), segment_maps(p.pid()));
+    let (fds, maps) = settled_baseline(&p);
     // Eight calls in flight to a server app that holds them.
     let mut victim = spawn(
         "meshshm-work",
@@ -139,7 +139,7 @@ fn app_killed_mid_fragmented_message_is_noticed() {
     let mut t = begin("app_killed_mid_fragment", Duration::from_secs(90));
     let p = proxy(&mut t, named_segments());
     let others = bystanders(&p);
-    let (fds, maps) = (fd_count(p.pid()), segment_maps(p.pid()));
+    let (fds, maps) = settled_baseline(&p);
     let mut victim = spawn(
         "meshshm-rogue",
         &[
@@ -160,7 +160,7 @@ fn app_killed_with_a_partly_written_frame_is_noticed() {
     let mut t = begin("app_killed_mid_frame", Duration::from_secs(90));
     let p = proxy(&mut t, named_segments());
     let others = bystanders(&p);
-    let (fds, maps) = (fd_count(p.pid()), segment_maps(p.pid()));
+    let (fds, maps) = settled_baseline(&p);
     let mut victim = spawn(
         "meshshm-rogue",
         &[

@@ -49,7 +49,8 @@ fn hostile_apps_are_cut_off_alone_with_a_reason() {
         .map(|_| load(&p.socket, &["--threads", "2", "--sizes", "64,4096,100000"]))
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let (fds, maps, rss0) = (fd_count(p.pid()), segment_maps(p.pid()), rss_kb(p.pid()));
+    let (fds, maps) = settled_baseline(&p);
+    let rss0 = rss_kb(p.pid());
     let mut peak = rss0;
     for &(mode, reason) in ROGUES {
         let rogue = spawn(

@@ -358,6 +358,23 @@ pub fn segment_maps(pid: i32) -> usize {
 
 /// Wait until the proxy's fd count and segment mappings are back at the
 /// given baseline (sessions ended, everything freed).
+/// The proxy's fd count and segment mappings once they have stopped
+/// moving (the same over 5 reads 50 ms apart; at most 5 s): a baseline
+/// taken while another app's session is still being set up would be low.
+pub fn settled_baseline(p: &Proxy) -> (usize, usize) {
+    let t0 = std::time::Instant::now();
+    let read = || (fd_count(p.pid()), segment_maps(p.pid()));
+    let mut last = read();
+    let mut same = 0;
+    while same < 5 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = read();
+        same = if now == last { same + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 pub fn back_to(p: &Proxy, fds: usize, maps: usize) -> bool {
     eventually(Duration::from_secs(10), || {
         fd_count(p.pid()) <= fds && segment_maps(p.pid()) <= maps
