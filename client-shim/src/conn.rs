@@ -178,6 +178,10 @@ pub(crate) struct Conn<L: Link> {
     /// A reader of its own (thread or task) reads every response: callers
     /// never lead, they wait to be handed theirs.
     has_reader: AtomicBool,
+    /// That reader is a task: a blocking caller may be running on the very
+    /// thread the task needs (a blocking call from inside the runtime), so
+    /// it reads what has come itself while it waits.
+    task_reader: AtomicBool,
 }
 
 thread_local! {
@@ -191,6 +195,7 @@ impl<L: Link> Conn<L> {
             link,
             closing: AtomicBool::new(false),
             has_reader: AtomicBool::new(false),
+            task_reader: AtomicBool::new(false),
         })
     }
 
@@ -249,6 +254,7 @@ impl<L: Link> Conn<L> {
                 Interest::READABLE,
             )?);
         }
+        self.task_reader.store(true, Ordering::Release);
         self.has_reader.store(true, Ordering::Release);
         let me = self.clone();
         rt.spawn(async move {
@@ -458,6 +464,10 @@ impl<L: Link> AnyConn for Conn<L> {
                     self.fail(e);
                 }
             } else {
+                let task_reader = self.task_reader.load(Ordering::Acquire);
+                if task_reader {
+                    self.pump_now();
+                }
                 for _ in 0..64 {
                     if slot.is_done() {
                         break;
@@ -466,8 +476,14 @@ impl<L: Link> AnyConn for Conn<L> {
                 }
                 if !slot.is_done() {
                     // Woken by delivery or by the leader's hand-off; the cap
-                    // bounds the cost of a hand-off that raced with our park.
-                    let mut t = Duration::from_millis(5);
+                    // bounds the cost of a hand-off that raced with our park
+                    // (and, with a task reader that may be waiting for this
+                    // thread, how long until we read for ourselves again).
+                    let mut t = if task_reader {
+                        Duration::from_micros(200)
+                    } else {
+                        Duration::from_millis(5)
+                    };
                     if let Some(d) = deadline {
                         t = t.min(d.saturating_duration_since(Instant::now()));
                     }

@@ -250,6 +250,33 @@ fn async_client_large_calls_on_one_thread_do_not_deadlock() {
     }
 }
 
+/// The blocking API on an async client's connection, called from inside
+/// the runtime's only thread (which its reader task needs): the caller
+/// reads its answer itself instead of waiting forever for the task.
+#[test]
+fn blocking_call_on_the_async_clients_runtime_thread_completes() {
+    let p = Proxy::start();
+    for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
+        let opts = ClientOptions {
+            socket: Some(p.socket.clone()),
+            transport,
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let c = meshshm::AsyncClient::connect(opts).await.unwrap();
+            for i in 0..20u64 {
+                let b = body(i, 100 + i as usize * 700);
+                assert_eq!(c.blocking().call("echo", "E", &b, T).unwrap(), b);
+                assert_eq!(c.call("echo", "E", &b, T).await.unwrap(), b);
+            }
+        });
+    }
+}
+
 fn tokio_rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
