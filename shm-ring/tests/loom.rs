@@ -130,6 +130,16 @@ fn ring_wrap_with_pad_frame() {
     ring_model(&[1500, 1500, 1500, 40], &[0, 1], 1);
 }
 
+/// A frame of more than half the ring (3024 of 4096 bytes) behind one of
+/// 2024: it cannot fit before the end, so the producer writes the 2072-byte
+/// pad on its own (the ring is then full: `Full` with the pad committed),
+/// publishes it, and waits until the consumer has released the first frame
+/// and the pad to put the big one at offset 0.
+#[test]
+fn ring_frame_larger_than_half_waits_behind_its_pad() {
+    ring_model(&[2000, 3000, 40], &[0], 1);
+}
+
 /// 2048 + 2032 bytes leave a 16-byte gap at the end, too small for a pad
 /// header: both sides skip it by rule. The consumer releases in pairs, so
 /// the producer must wait for a batched head store.
