@@ -2,7 +2,7 @@
 //! top of it: register, send, then lead or follow until the response comes.
 
 use std::os::fd::BorrowedFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -171,17 +171,20 @@ pub(crate) trait AnyConn: Send + Sync {
     fn peer_closed(&self) -> bool;
 }
 
+const READER_CALLERS: u8 = 0;
+const READER_THREAD: u8 = 1;
+const READER_TASK: u8 = 2;
+
 pub(crate) struct Conn<L: Link> {
     core: Core,
     link: L,
     closing: AtomicBool,
-    /// A reader of its own (thread or task) reads every response: callers
-    /// never lead, they wait to be handed theirs.
-    has_reader: AtomicBool,
-    /// That reader is a task: a blocking caller may be running on the very
-    /// thread the task needs (a blocking call from inside the runtime), so
-    /// it reads what has come itself while it waits.
-    task_reader: AtomicBool,
+    /// Who reads responses: the callers ([`READER_CALLERS`]: one leads, the
+    /// others follow), or a reader of the connection's own
+    /// ([`READER_THREAD`], [`READER_TASK`]: callers never lead, they wait to
+    /// be handed theirs; with a task, a blocking caller may be running on
+    /// the very thread the task needs, so it also reads for itself).
+    reader: AtomicU8,
 }
 
 thread_local! {
@@ -194,8 +197,7 @@ impl<L: Link> Conn<L> {
             core: Core::new(),
             link,
             closing: AtomicBool::new(false),
-            has_reader: AtomicBool::new(false),
-            task_reader: AtomicBool::new(false),
+            reader: AtomicU8::new(READER_CALLERS),
         })
     }
 
@@ -215,7 +217,7 @@ impl<L: Link> Conn<L> {
     }
 
     pub(crate) fn spawn_reader(self: &Arc<Self>) {
-        self.has_reader.store(true, Ordering::Release);
+        self.reader.store(READER_THREAD, Ordering::Release);
         let me = self.clone();
         std::thread::Builder::new()
             .name("meshshm-reader".into())
@@ -254,8 +256,7 @@ impl<L: Link> Conn<L> {
                 Interest::READABLE,
             )?);
         }
-        self.task_reader.store(true, Ordering::Release);
-        self.has_reader.store(true, Ordering::Release);
+        self.reader.store(READER_TASK, Ordering::Release);
         let me = self.clone();
         rt.spawn(async move {
             struct Ended<L: Link>(Arc<Conn<L>>);
@@ -286,10 +287,7 @@ impl<L: Link> Conn<L> {
             }
             let sleep = {
                 let mut rx = self.link.rx();
-                while self.link.receive_now(&mut rx)? {
-                    self.link.drain(&mut rx, &mut |m| self.dispatch(m))?;
-                }
-                self.link.drain(&mut rx, &mut |m| self.dispatch(m))?;
+                self.deliver_arrived(&mut rx)?;
                 if self.closing.load(Ordering::Acquire) || self.core.dead().is_some() {
                     return Ok(());
                 }
@@ -333,16 +331,21 @@ impl<L: Link> Conn<L> {
         let Some(mut rx) = self.link.try_rx() else {
             return;
         };
-        let r = (|| {
-            while self.link.receive_now(&mut rx)? {
-                self.link.drain(&mut rx, &mut |m| self.dispatch(m))?;
-            }
-            self.link.drain(&mut rx, &mut |m| self.dispatch(m))
-        })();
+        let r = self.deliver_arrived(&mut rx);
         drop(rx);
         if let Err(e) = r {
             self.fail(e);
         }
+    }
+
+    /// Take in what has arrived (without blocking) and deliver every whole
+    /// response in it.
+    fn deliver_arrived(&self, rx: &mut L::Rx) -> Result<()> {
+        while self.link.receive_now(rx)? {
+            self.link.drain(rx, &mut |m| self.dispatch(m))?;
+        }
+        self.link.drain(rx, &mut |m| self.dispatch(m))?;
+        Ok(())
     }
 
     fn dispatch(&self, m: &Message<'_>) -> Result<()> {
@@ -451,10 +454,11 @@ impl<L: Link> AnyConn for Conn<L> {
             if let Some(r) = slot.take() {
                 return r;
             }
-            let lead = if self.has_reader.load(Ordering::Acquire) {
-                None
-            } else {
+            let reader = self.reader.load(Ordering::Acquire);
+            let lead = if reader == READER_CALLERS {
                 self.link.try_rx()
+            } else {
+                None
             };
             if let Some(mut rx) = lead {
                 let res = self.lead(&mut rx, deadline, &slot);
@@ -464,7 +468,7 @@ impl<L: Link> AnyConn for Conn<L> {
                     self.fail(e);
                 }
             } else {
-                let task_reader = self.task_reader.load(Ordering::Acquire);
+                let task_reader = reader == READER_TASK;
                 if task_reader {
                     self.pump_now();
                 }

@@ -299,14 +299,22 @@ pub(crate) fn readable_now(s: &UnixStream) -> bool {
 /// poll() the socket for `t`; true if it became readable (EOF or data:
 /// either way the proxy ended the session).
 pub(crate) fn wait_readable(s: &UnixStream, t: Duration) -> bool {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    poll_for(s.as_fd(), nix::poll::PollFlags::POLLIN, t)
+}
+
+/// poll() one fd for `events`, at most `t` (rounded up to 1 ms); true if
+/// it became ready.
+pub(crate) fn poll_for(
+    fd: std::os::fd::BorrowedFd<'_>,
+    events: nix::poll::PollFlags,
+    t: Duration,
+) -> bool {
+    use nix::poll::{poll, PollFd, PollTimeout};
     let ms = t.as_millis().clamp(1, i32::MAX as u128) as i32;
-    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
-    match poll(
+    let mut fds = [PollFd::new(fd, events)];
+    poll(
         &mut fds,
         PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-    ) {
-        Ok(n) => n > 0,
-        Err(_) => false,
-    }
+    )
+    .is_ok_and(|n| n > 0)
 }

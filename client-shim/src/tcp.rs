@@ -27,6 +27,18 @@ pub(crate) struct TcpRx {
     timeout: Option<Duration>,
 }
 
+impl TcpRx {
+    /// Where the next read goes: `filled`, after doubling the buffer if it
+    /// is full.
+    fn make_room(&mut self) -> usize {
+        if self.filled == self.buf.len() {
+            let l = self.buf.len() * 2;
+            self.buf.resize(l, 0);
+        }
+        self.filled
+    }
+}
+
 thread_local! {
     static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -86,7 +98,12 @@ impl TcpLink {
                     Ok(n) => off += n,
                     Err(nix::errno::Errno::EAGAIN) => {
                         idle();
-                        writable_within(&w, Duration::from_millis(1));
+                        use std::os::fd::AsFd;
+                        crate::shm::poll_for(
+                            w.as_fd(),
+                            nix::poll::PollFlags::POLLOUT,
+                            Duration::from_millis(1),
+                        );
                     }
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(gone(std::io::Error::from(e))),
@@ -162,11 +179,7 @@ impl TcpLink {
             rx.s.set_read_timeout(t).map_err(gone)?;
             rx.timeout = t;
         }
-        let filled = rx.filled;
-        if filled == rx.buf.len() {
-            let l = rx.buf.len() * 2;
-            rx.buf.resize(l, 0);
-        }
+        let filled = rx.make_room();
         match rx.s.read(&mut rx.buf[filled..]) {
             Ok(0) => Err(Error::ProxyGone(
                 "the proxy closed the TCP connection".into(),
@@ -199,11 +212,7 @@ impl TcpLink {
     pub(crate) fn receive_now(&self, rx: &mut TcpRx) -> Result<bool> {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
-        let filled = rx.filled;
-        if filled == rx.buf.len() {
-            let l = rx.buf.len() * 2;
-            rx.buf.resize(l, 0);
-        }
+        let filled = rx.make_room();
         match recv(
             rx.s.as_raw_fd(),
             &mut rx.buf[filled..],
@@ -225,16 +234,4 @@ impl TcpLink {
     pub(crate) fn interrupt(&self) {
         let _ = self.shut.shutdown(Shutdown::Both);
     }
-}
-
-/// poll() the socket for writability, at most `t`.
-fn writable_within(s: &TcpStream, t: Duration) {
-    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    use std::os::fd::AsFd;
-    let ms = t.as_millis().clamp(1, i32::MAX as u128) as i32;
-    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
-    let _ = poll(
-        &mut fds,
-        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
-    );
 }

@@ -154,6 +154,7 @@ fn run(me: Arc<Inbox>, uring: Uring, own: OwnedFd, waiter: meshshm_ring::Waiter)
     let mut free: Vec<usize> = Vec::new();
     let mut gen = 0u64;
     let mut batch = VecDeque::new();
+    let mut wakers = Vec::new();
     loop {
         // New sessions.
         let jobs = std::mem::take(&mut *me.jobs.lock().expect("inbox"));
@@ -207,10 +208,10 @@ fn run(me: Arc<Inbox>, uring: Uring, own: OwnedFd, waiter: meshshm_ring::Waiter)
             // Busy: submit the waits of sessions that went to sleep and
             // reap what completed (no syscall when neither), so that
             // sleeping sessions are heard while others keep the thread busy.
-            match io.pump(false) {
-                Ok(wakers) => wakers.into_iter().for_each(Waker::wake),
-                Err(e) => tracing::error!(error = %e, "shm driver: io_uring"),
+            if let Err(e) = io.pump(false, &mut wakers) {
+                tracing::error!(error = %e, "shm driver: io_uring");
             }
+            wakers.drain(..).for_each(Waker::wake);
             continue;
         }
         // Nothing runnable: submit the new waits and sleep until a wait
@@ -222,14 +223,12 @@ fn run(me: Arc<Inbox>, uring: Uring, own: OwnedFd, waiter: meshshm_ring::Waiter)
             waiter.cancel_sleep();
             continue;
         }
-        let r = io.arm(&own).and_then(|()| io.pump(true));
+        let r = io.arm(&own).and_then(|()| io.pump(true, &mut wakers));
         waiter.cancel_sleep();
-        match r {
-            Ok(wakers) => wakers.into_iter().for_each(Waker::wake),
-            Err(e) => {
-                tracing::error!(error = %e, "shm driver: io_uring wait");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+        wakers.drain(..).for_each(Waker::wake);
+        if let Err(e) = r {
+            tracing::error!(error = %e, "shm driver: io_uring wait");
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -301,12 +300,11 @@ impl Io {
     }
 
     /// Submit queued waits; with `block`, sleep until one completes.
-    /// Returns the wakers of the sessions whose waits completed: the caller
-    /// wakes them once it no longer announces sleep (a wake-up while the
-    /// announcement stands would ring the thread's own eventfd: a syscall,
-    /// and a spurious return from the next sleep).
-    fn pump(&self, block: bool) -> std::io::Result<Vec<Waker>> {
-        let mut wakers = Vec::new();
+    /// Puts in `wakers` those of the sessions whose waits completed: the
+    /// caller wakes them once it no longer announces sleep (a wake-up while
+    /// the announcement stands would ring the thread's own eventfd: a
+    /// syscall, and a spurious return from the next sleep).
+    fn pump(&self, block: bool, wakers: &mut Vec<Waker>) -> std::io::Result<()> {
         {
             let mut st = self.lock();
             let st = &mut *st;
@@ -318,7 +316,7 @@ impl Io {
                 }
             }
         }
-        Ok(wakers)
+        Ok(())
     }
 }
 

@@ -20,32 +20,66 @@ use prometheus_client::registry::Registry;
 /// A label set: (name, value) pairs.
 pub type L = Vec<(&'static str, String)>;
 
-/// Histogram bucket upper bounds, in µs (the last bucket is +Inf).
-const BOUNDS_US: [u64; 14] = [
-    5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 25_000, 100_000, 1_000_000,
+/// Lock-free bucket counts and their sum, encoded as a Prometheus
+/// histogram (the crate's own `Histogram` takes a lock per observation).
+/// `N` buckets: `bounds` are the upper bounds of the first `N - 1`, the
+/// last is +Inf.
+#[derive(Debug)]
+struct Buckets<const N: usize> {
+    bounds: &'static [f64],
+    counts: [AtomicU64; N],
+    /// Sum of the samples, in billionths of their unit.
+    sum_nano: AtomicU64,
+}
+
+impl<const N: usize> Buckets<N> {
+    fn new(bounds: &'static [f64]) -> Self {
+        debug_assert_eq!(bounds.len() + 1, N);
+        Buckets {
+            bounds,
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            sum_nano: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, v: f64) {
+        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(N - 1);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nano.fetch_add((v * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        // Per-bucket counts: the encoder makes them cumulative.
+        let mut total = 0;
+        let mut b = Vec::with_capacity(N);
+        for (i, c) in self.counts.iter().enumerate() {
+            let n = c.load(Ordering::Relaxed);
+            total += n;
+            b.push((self.bounds.get(i).copied().unwrap_or(f64::MAX), n));
+        }
+        let sum = self.sum_nano.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &b, None)
+    }
+}
+
+/// Latency bucket upper bounds, in seconds (the last bucket is +Inf).
+const LATENCY_BOUNDS: [f64; 14] = [
+    5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 0.1, 1.0,
 ];
 
 /// A lock-free latency histogram (seconds).
-#[derive(Clone, Default, Debug)]
-pub struct Hist(Arc<HistInner>);
+#[derive(Clone, Debug)]
+pub struct Hist(Arc<Buckets<{ LATENCY_BOUNDS.len() + 1 }>>);
 
-#[derive(Default, Debug)]
-struct HistInner {
-    buckets: [AtomicU64; BOUNDS_US.len() + 1],
-    sum_ns: AtomicU64,
+impl Default for Hist {
+    fn default() -> Self {
+        Hist(Arc::new(Buckets::new(&LATENCY_BOUNDS)))
+    }
 }
 
 impl Hist {
     pub fn observe(&self, d: Duration) {
-        let us = d.as_micros() as u64;
-        let i = BOUNDS_US
-            .iter()
-            .position(|&b| us <= b)
-            .unwrap_or(BOUNDS_US.len());
-        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.0
-            .sum_ns
-            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+        self.0.observe(d.as_secs_f64());
     }
 }
 
@@ -54,18 +88,8 @@ impl TypedMetric for Hist {
 }
 
 impl EncodeMetric for Hist {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        // Per-bucket counts: the encoder makes them cumulative.
-        let mut total = 0;
-        let mut b = Vec::with_capacity(BOUNDS_US.len() + 1);
-        for (i, c) in self.0.buckets.iter().enumerate() {
-            let n = c.load(Ordering::Relaxed);
-            total += n;
-            let le = BOUNDS_US.get(i).map_or(f64::MAX, |&u| u as f64 / 1e6);
-            b.push((le, n));
-        }
-        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<NoLabelSet>(sum, total, &b, None)
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
     }
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram
@@ -94,14 +118,13 @@ pub fn fill_due() -> bool {
 }
 
 /// A lock-free histogram of ring fill (share of capacity).
-#[derive(Clone, Default, Debug)]
-pub struct FillHist(Arc<FillInner>);
+#[derive(Clone, Debug)]
+pub struct FillHist(Arc<Buckets<{ FILL_BOUNDS.len() + 1 }>>);
 
-#[derive(Default, Debug)]
-struct FillInner {
-    buckets: [AtomicU64; FILL_BOUNDS.len() + 1],
-    /// Sum of the samples, in millionths.
-    sum_ppm: AtomicU64,
+impl Default for FillHist {
+    fn default() -> Self {
+        FillHist(Arc::new(Buckets::new(&FILL_BOUNDS)))
+    }
 }
 
 impl FillHist {
@@ -111,14 +134,7 @@ impl FillHist {
         } else {
             used as f64 / capacity as f64
         };
-        let i = FILL_BOUNDS
-            .iter()
-            .position(|&b| r <= b)
-            .unwrap_or(FILL_BOUNDS.len());
-        self.0.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.0
-            .sum_ppm
-            .fetch_add((r * 1e6) as u64, Ordering::Relaxed);
+        self.0.observe(r);
     }
 }
 
@@ -127,17 +143,8 @@ impl TypedMetric for FillHist {
 }
 
 impl EncodeMetric for FillHist {
-    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        // Per-bucket counts: the encoder makes them cumulative.
-        let mut total = 0;
-        let mut b = Vec::with_capacity(FILL_BOUNDS.len() + 1);
-        for (i, c) in self.0.buckets.iter().enumerate() {
-            let n = c.load(Ordering::Relaxed);
-            total += n;
-            b.push((FILL_BOUNDS.get(i).copied().unwrap_or(f64::MAX), n));
-        }
-        let sum = self.0.sum_ppm.load(Ordering::Relaxed) as f64 / 1e6;
-        encoder.encode_histogram::<NoLabelSet>(sum, total, &b, None)
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
     }
     fn metric_type(&self) -> MetricType {
         MetricType::Histogram

@@ -87,8 +87,8 @@ enum Waits {
         bell: AsyncFd<OwnedFd>,
         ctl: UnixStream,
     },
-    /// The driver thread's io_uring: a read of the eventfd (which also
-    /// resets it) and a poll of the control socket.
+    /// The driver thread's io_uring: a multishot poll of the eventfd
+    /// (edge-triggered, no drain read) and a poll of the control socket.
     Uring {
         bell: crate::driver::Watched,
         ctl_watch: crate::driver::Watched,
@@ -783,9 +783,10 @@ impl Session {
             } else {
                 meshshm_ring::WANT_ANY
             });
-            let flushed = match self.out.is_empty() {
-                true => Ok(false),
-                false => self.flush_out(),
+            let flushed = if self.out.is_empty() {
+                Ok(false)
+            } else {
+                self.flush_out()
             };
             if let Err(e) = flushed {
                 // Keep the first reason: later calls only say "poisoned".

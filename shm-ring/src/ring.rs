@@ -236,13 +236,6 @@ impl Producer {
         self.ring.cap - (self.tail - self.head_cache) as usize
     }
 
-    /// Bytes written and not yet released by the consumer, as of the last
-    /// re-read of its counter (no shared-memory access, so no error: for
-    /// fill metrics).
-    pub fn in_use(&self) -> usize {
-        (self.tail - self.head_cache) as usize
-    }
-
     /// Bytes written and not yet released, by the consumer's counter read
     /// now, for fill metrics: nothing else changes (the cache, the poisoned
     /// state). A counter out of range reads as the cached one; the next
@@ -290,12 +283,7 @@ impl Producer {
             // than half the ring would never fit together). The pad is
             // committed even if the frame then has to wait: a later reserve
             // starts at offset 0.
-            if self.free() < to_end {
-                self.refresh_head()?;
-                if self.free() < to_end {
-                    return Err(RingError::Full);
-                }
-            }
+            self.make_room(to_end)?;
             if to_end >= HEADER_LEN {
                 let pad = FrameHeader {
                     len: (to_end - HEADER_LEN) as u32,
@@ -309,18 +297,25 @@ impl Producer {
             }
             self.tail += to_end as u64;
         }
-        if self.free() < need {
-            self.refresh_head()?;
-            if self.free() < need {
-                return Err(RingError::Full);
-            }
-        }
+        self.make_room(need)?;
         let pos = (self.tail as usize) & (self.ring.cap - 1);
         Ok(Grant {
             producer: self,
             pos,
             len,
         })
+    }
+
+    /// `Ok` if `n` bytes are free, re-reading the consumer's counter only
+    /// when the cached one says they are not.
+    fn make_room(&mut self, n: usize) -> Result<(), RingError> {
+        if self.free() < n {
+            self.refresh_head()?;
+            if self.free() < n {
+                return Err(RingError::Full);
+            }
+        }
+        Ok(())
     }
 
     fn write_header(&mut self, pos: usize, h: &FrameHeader) {
@@ -383,7 +378,9 @@ impl Grant<'_> {
     /// The payload area, `len` bytes, in shared memory.
     pub fn payload_mut(&mut self) -> &mut [u8] {
         // SAFETY: [pos + HEADER_LEN, pos + HEADER_LEN + len) lies inside the
-        // data area (reserve checked wire_len(len) <= to_end) and in the free
+        // data area (reserve placed the frame where wire_len(len) fits before
+        // the end: where it stood, or at offset 0 behind a pad, and
+        // wire_len(len) <= capacity by max_payload) and in the free
         // part of the ring, which the consumer does not read until we publish.
         // A hostile consumer process could still write these bytes; that can
         // only corrupt the frame it will itself receive.
@@ -454,12 +451,6 @@ impl Consumer {
     /// Data-area size in bytes.
     pub fn capacity(&self) -> usize {
         self.ring.cap
-    }
-
-    /// Bytes published by the producer and not yet read, as of the last
-    /// re-read of its counter (no shared-memory access; for fill metrics).
-    pub fn pending(&self) -> usize {
-        (self.tail_cache - self.head) as usize
     }
 
     /// Bytes published and not yet read, by the producer's counter read

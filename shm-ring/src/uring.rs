@@ -305,9 +305,9 @@ impl Uring {
                 // kernel takes no more until some are reaped. Reap them now,
                 // for the next `wait` to hand out, else this loop never ends.
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    let mut early = Vec::new();
-                    self.reap_from(&mut early);
-                    self.backlog.extend(early);
+                    let mut early = std::mem::take(&mut self.backlog);
+                    self.reap_into(|w, c| early.push((w, c)));
+                    self.backlog = early;
                 }
                 Err(e) => return Err(e),
             }
@@ -387,14 +387,12 @@ impl Uring {
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
-        let mut with = Vec::new();
-        self.reap_from(&mut with);
-        out.extend(with.into_iter().map(|(_, c)| c));
+        self.reap_into(|_, c| out.push(c));
     }
 
     /// Take every completion the kernel posted; those of live watches go
-    /// to `out` with their watch.
-    fn reap_from(&mut self, out: &mut Vec<(Watch, Completion)>) {
+    /// to `sink` with their watch.
+    fn reap_into(&mut self, mut sink: impl FnMut(Watch, Completion)) {
         let mut cq = self.ring.completion();
         cq.sync();
         for c in &mut cq {
@@ -425,13 +423,13 @@ impl Uring {
                 s.fd = None;
                 self.free.push(w.idx);
             } else {
-                out.push((
+                sink(
                     w,
                     Completion {
                         key: s.key,
                         result: c.result(),
                     },
-                ));
+                );
             }
         }
     }

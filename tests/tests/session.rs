@@ -147,11 +147,7 @@ fn async_client_many_in_flight() {
     let p = Proxy::start();
     let rt = tokio_rt();
     for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
-        let opts = ClientOptions {
-            socket: Some(p.socket.clone()),
-            transport,
-            ..Default::default()
-        };
+        let opts = options(&p, transport);
         rt.block_on(async {
             let c = meshshm::AsyncClient::connect(opts).await.unwrap();
             let mut tasks = Vec::new();
@@ -178,11 +174,7 @@ fn async_client_many_in_flight() {
 fn async_client_outlives_the_runtime_that_connected_it() {
     let p = Proxy::start();
     for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
-        let opts = ClientOptions {
-            socket: Some(p.socket.clone()),
-            transport,
-            ..Default::default()
-        };
+        let opts = options(&p, transport);
         let first = tokio_rt();
         let c = first.block_on(async {
             let c = meshshm::AsyncClient::connect(opts).await.unwrap();
@@ -192,10 +184,7 @@ fn async_client_outlives_the_runtime_that_connected_it() {
         });
         drop(first);
         for round in 0..3u64 {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = current_thread_rt();
             rt.block_on(async {
                 for (i, size) in [0usize, 64, 70_000, 1 << 20].into_iter().enumerate() {
                     let b = body(round * 10 + i as u64, size);
@@ -218,15 +207,8 @@ fn async_client_outlives_the_runtime_that_connected_it() {
 fn async_client_large_calls_on_one_thread_do_not_deadlock() {
     let p = Proxy::start();
     for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
-        let opts = ClientOptions {
-            socket: Some(p.socket.clone()),
-            transport,
-            ..Default::default()
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let opts = options(&p, transport);
+        let rt = current_thread_rt();
         rt.block_on(async {
             let c = meshshm::AsyncClient::connect(opts).await.unwrap();
             let mut tasks = Vec::new();
@@ -257,15 +239,8 @@ fn async_client_large_calls_on_one_thread_do_not_deadlock() {
 fn blocking_call_on_the_async_clients_runtime_thread_completes() {
     let p = Proxy::start();
     for transport in [Transport::Shm, Transport::Tcp(p.tcp)] {
-        let opts = ClientOptions {
-            socket: Some(p.socket.clone()),
-            transport,
-            ..Default::default()
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
+        let opts = options(&p, transport);
+        let rt = current_thread_rt();
         rt.block_on(async {
             let c = meshshm::AsyncClient::connect(opts).await.unwrap();
             for i in 0..20u64 {
@@ -275,6 +250,22 @@ fn blocking_call_on_the_async_clients_runtime_thread_completes() {
             }
         });
     }
+}
+
+/// Options for a client of `p` over `transport`.
+fn options(p: &Proxy, transport: Transport) -> ClientOptions {
+    ClientOptions {
+        socket: Some(p.socket.clone()),
+        transport,
+        ..Default::default()
+    }
+}
+
+fn current_thread_rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn tokio_rt() -> tokio::runtime::Runtime {
