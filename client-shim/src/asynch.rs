@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -70,7 +70,7 @@ impl AsyncClient {
     /// Transport errors and timeouts.
     pub async fn invoke(&self, call: &Call<'_>) -> Result<Response> {
         let conn = self.client.conn()?;
-        let (id, slot) = conn.start(call, Notify::Task(Mutex::new(None)))?;
+        let (id, slot) = conn.start(call, Notify::Task)?;
         let pending = Pending {
             conn,
             id,
@@ -102,17 +102,13 @@ struct Pending {
 impl Future for Pending {
     type Output = Result<Response>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if let Some(r) = self.slot.take() {
-            self.armed = false;
-            return Poll::Ready(r);
+        match self.slot.poll_take(cx.waker()) {
+            Some(r) => {
+                self.armed = false;
+                Poll::Ready(r)
+            }
+            None => Poll::Pending,
         }
-        self.slot.set_waker(cx.waker());
-        // Completed between the check and registering the waker?
-        if let Some(r) = self.slot.take() {
-            self.armed = false;
-            return Poll::Ready(r);
-        }
-        Poll::Pending
     }
 }
 

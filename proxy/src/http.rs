@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -24,7 +25,7 @@ use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
-use crate::dispatch::{handle_request, InFlight, Outcome};
+use crate::dispatch::{handle_request, InFlight, Inbound, Outcome};
 use crate::gov::{Peer, Transport};
 use crate::router::Resp;
 use crate::Shared;
@@ -210,7 +211,13 @@ async fn handle(sh: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Respons
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let mut inflight = AbortOnDrop(HashMap::new());
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    match handle_request(&sh, peer, id, &meta, &body, &done_tx, &mut inflight.0) {
+    let req = Inbound {
+        stream_id: id,
+        meta: &meta,
+        body: &body,
+        arrived: Instant::now(),
+    };
+    match handle_request(&sh, peer, req, &done_tx, &mut inflight.0) {
         Outcome::Echo => reply(status::OK, "", Vec::new(), body.to_vec()),
         Outcome::Reply(r) => from_resp(r),
         Outcome::Reused => reply(status::INTERNAL, "stream id reused", Vec::new(), Vec::new()),

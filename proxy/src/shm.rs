@@ -42,7 +42,7 @@ use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dispatch::{complete, handle_request, InFlight, Outcome};
+use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
 use crate::router::{Forward, LocalTx, Resp};
 use crate::Shared;
 
@@ -544,6 +544,7 @@ impl Session {
     /// Read and handle what the app published. Returns frames consumed.
     fn read_incoming(&mut self) -> Result<usize, String> {
         let mut n = 0;
+        let mut arrived = None;
         while n < 1024 {
             let Some(f) = self.ep.rx.peek().map_err(|e| e.to_string())? else {
                 break;
@@ -564,12 +565,16 @@ impl Session {
                     // app could change them between the check and the use.
                     self.meta_buf.clear();
                     self.meta_buf.extend_from_slice(m.meta());
+                    let arrived = *arrived.get_or_insert_with(Instant::now);
                     match handle_request(
                         &self.sh,
                         &self.peer,
-                        m.stream_id,
-                        &self.meta_buf,
-                        m.body(),
+                        Inbound {
+                            stream_id: m.stream_id,
+                            meta: &self.meta_buf,
+                            body: m.body(),
+                            arrived,
+                        },
                         &self.done_tx,
                         &mut self.inflight,
                     ) {

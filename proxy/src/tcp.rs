@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use meshshm_proto::{encode_frame, FrameDecoder, ResponseMeta};
 use meshshm_ring::{FrameKind, Reassembler, HEADER_LEN};
@@ -10,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
-use crate::dispatch::{complete, handle_request, InFlight, Outcome};
+use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
 use crate::tls::PeerIdentity;
 use crate::Shared;
 
@@ -99,9 +100,12 @@ pub async fn serve<S>(
                         None => handle_request(
                             &sh,
                             &who,
-                            m.stream_id,
-                            m.meta(),
-                            m.body(),
+                            Inbound {
+                                stream_id: m.stream_id,
+                                meta: m.meta(),
+                                body: m.body(),
+                                arrived: Instant::now(),
+                            },
                             &done_tx,
                             &mut inflight,
                         ),
