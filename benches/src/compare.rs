@@ -383,7 +383,24 @@ fn compare(a: Args) -> Result<bool, String> {
     let recs = results.records();
     print!("{}", report::table(&recs));
     println!();
-    print!("{}", report::targets(&recs));
+    // The bound under the blocking targets, measured now, on the same
+    // machine state: a bare sleeping hand-off between the two CPUs.
+    let blocking_cells = recs
+        .iter()
+        .any(|r| r.transport == "shm-block" && r.concurrency == 1);
+    let two_cpus = cpus.len() >= 2;
+    let hand_off = (blocking_cells && two_cpus)
+        .then(|| {
+            crate::wake::eventfd_hand_off(3000)
+                .map_err(|e| eprintln!("the bare hand-off: {e}"))
+                .ok()
+        })
+        .flatten()
+        .map(|w| report::HandOff {
+            p50_us: w.p50,
+            cpu_us_per_rt: w.cli + w.srv,
+        });
+    print!("{}", report::targets(&recs, hand_off.as_ref()));
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&recs).map_err(|e| e.to_string())?;
         std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;

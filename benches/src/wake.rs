@@ -31,11 +31,17 @@ fn pin(cpu: usize) {
     }
 }
 
-struct Row {
-    p50: f64,
-    p99: f64,
-    cli: f64,
-    srv: f64,
+pub(crate) struct Row {
+    pub(crate) p50: f64,
+    pub(crate) p99: f64,
+    pub(crate) cli: f64,
+    pub(crate) srv: f64,
+}
+
+/// `n` round trips through two eventfd doorbells between two pinned
+/// threads: what every blocking row of `compare` pays at least.
+pub(crate) fn eventfd_hand_off(n: u64) -> Result<Row, String> {
+    round_trips(&Bell::eventfd, n)
 }
 
 fn round_trips(bell: &dyn Fn() -> std::io::Result<Bell>, n: u64) -> Result<Row, String> {
