@@ -35,7 +35,7 @@ use meshshm_proto::{
 };
 use meshshm_ring::{
     write_message, Bell, Endpoint, FrameKind, Reassembler, RingError, Segment, SegmentOptions,
-    Side, WriteProgress,
+    Side, WriteProgress, FLAG_CONT, FLAG_MORE,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, Interest};
@@ -430,6 +430,10 @@ struct Session {
     reasm: Reassembler,
     out: VecDeque<OutMsg>,
     out_bytes: usize,
+    /// The request at the head of the app's ring waits for room for its
+    /// answer (`stall_need` bytes) in the other ring.
+    stalled: bool,
+    stall_need: usize,
     done_tx: crate::dispatch::Done,
     done_rx: mpsc::UnboundedReceiver<(u64, tokio::task::Id, Resp)>,
     inflight: InFlight,
@@ -470,6 +474,8 @@ impl Session {
             reasm: Reassembler::new(max),
             out: VecDeque::new(),
             out_bytes: 0,
+            stalled: false,
+            stall_need: 0,
             done_tx,
             done_rx,
             inflight: HashMap::new(),
@@ -515,6 +521,18 @@ impl Session {
         Ok(any)
     }
 
+    /// Stalled on room for an answer: is there room now? Checked after
+    /// announcing sleep too, so that room made just before it is not
+    /// missed. (The check may stage a pad to the end of the ring, which must
+    /// reach the app for the room behind it to come.)
+    fn room_again(&mut self) -> bool {
+        let fits = self.ep.tx.fits_now(self.stall_need).unwrap_or(true);
+        if !fits {
+            self.ep.flush();
+        }
+        fits
+    }
+
     /// Too much queued towards the app: stop adding to it.
     fn backlogged(&self) -> bool {
         self.out_bytes > 4 * self.ep.tx.capacity()
@@ -528,7 +546,9 @@ impl Session {
     fn paused(&self) -> bool {
         match self.role {
             Role::Client => {
-                self.inflight.len() >= self.sh.cfg.shm.max_in_flight || self.backlogged()
+                self.stalled
+                    || self.inflight.len() >= self.sh.cfg.shm.max_in_flight
+                    || self.backlogged()
             }
             Role::Server => false,
         }
@@ -561,6 +581,27 @@ impl Session {
             };
             match (m.kind, self.role) {
                 (FrameKind::Request, Role::Client) => {
+                    // Backpressure without copies: a request read in place is
+                    // taken only while an answer of its size could go straight
+                    // into the app's ring. Otherwise it stays in the app's ring
+                    // (the app then waits for room there) instead of being
+                    // answered into a queue.
+                    let in_place = h.flags & (FLAG_MORE | FLAG_CONT) == 0;
+                    if in_place {
+                        let reply = ResponseMeta::OK.len() + m.body().len();
+                        let fits = self.out.is_empty()
+                            && match self.ep.tx.fits_now(reply) {
+                                Ok(fits) => fits,
+                                // Too large for one frame: it will be fragmented.
+                                Err(RingError::TooLarge(_)) => true,
+                                Err(e) => return Err(e.to_string()),
+                            };
+                        if !fits {
+                            self.stalled = true;
+                            self.stall_need = reply;
+                            break;
+                        }
+                    }
                     // Parsed bytes are copied out of shared memory first: the
                     // app could change them between the check and the use.
                     self.meta_buf.clear();
@@ -718,6 +759,9 @@ impl Session {
             self.sh.gov.metrics.sample_ring_fill(&self.ep);
         }
         let mut any = self.flush_out().map_err(|e| e.to_string())?;
+        // Stalled on room for an answer: look again once nothing is queued
+        // ahead of it (read_incoming checks the room and may stall again).
+        self.stalled &= !self.out.is_empty();
         any |= self.take_completions();
         if !self.paused() {
             any |= self.read_incoming()? > 0;
@@ -729,6 +773,7 @@ impl Session {
 
     fn has_work(&mut self) -> bool {
         (!self.paused() && self.ep.rx.has_data().unwrap_or(true))
+            || (self.stalled && self.out.is_empty() && self.room_again())
             || !self.done_rx.is_empty()
             || self.cancel_rx.as_ref().is_some_and(|r| !r.is_empty())
             || (self.intake_open() && self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty()))
@@ -783,11 +828,13 @@ impl Session {
             }
             // Sleep on the doorbell, the control socket and the channels;
             // woken by the app for room only while answers wait for it.
-            self.ep.waiter.announce_sleep_for(if self.out.is_empty() {
-                meshshm_ring::WANT_DATA
-            } else {
-                meshshm_ring::WANT_ANY
-            });
+            self.ep
+                .waiter
+                .announce_sleep_for(if self.out.is_empty() && !self.stalled {
+                    meshshm_ring::WANT_DATA
+                } else {
+                    meshshm_ring::WANT_ANY
+                });
             let flushed = if self.out.is_empty() {
                 Ok(false)
             } else {

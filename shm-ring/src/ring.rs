@@ -308,6 +308,21 @@ impl Producer {
 
     /// `Ok` if `n` bytes are free, re-reading the consumer's counter only
     /// when the cached one says they are not.
+    /// Whether a frame of `len` payload bytes can be written now: a
+    /// [`Producer::reserve`] whose grant is dropped. Like it, it may stage
+    /// the pad to the end of the ring, so that a frame that must start at
+    /// offset 0 gets there once the consumer has passed the pad.
+    ///
+    /// # Errors
+    /// As [`Producer::reserve`], except that a full ring is `Ok(false)`.
+    pub fn fits_now(&mut self, len: usize) -> Result<bool, RingError> {
+        match self.reserve(len) {
+            Ok(_grant) => Ok(true),
+            Err(RingError::Full) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     fn make_room(&mut self, n: usize) -> Result<(), RingError> {
         if self.free() < n {
             self.refresh_head()?;

@@ -89,7 +89,9 @@ fn soak_many_connections_mixed_sizes_nothing_lost_resources_flat() {
         .collect();
     // Warm-up: the same load, briefly, so that the allocator's pools are
     // in place; then the baseline, with every client gone.
-    let (fd0, maps0) = (fd_count(p.pid()), segment_maps(p.pid()));
+    // (Taken once the counts hold still: the servers' sessions may still
+    // be being set up when they print "ready".)
+    let (fd0, maps0) = settled_baseline(&p);
     let warm = round(&p, 2.0);
     for r in &warm {
         assert!(r.failed == 0 && r.mismatched == 0, "warm-up: {}", r.line);
@@ -143,7 +145,7 @@ fn soak_many_connections_mixed_sizes_nothing_lost_resources_flat() {
         calls > 0 && ok == calls,
         "{failed} failed, {bad} mismatched of {calls}"
     );
-    assert_eq!(fd1, fd0);
+    assert!(fd1 <= fd0, "fds {fd0} before, {fd1} after");
     // Flat: what the soak left is within a margin of the warm baseline.
     let margin = (rss0 / 8).max(8 * 1024);
     assert!(rss1 <= rss0 + margin, "proxy RSS {rss0} -> {rss1} KiB");
