@@ -69,20 +69,53 @@ impl AsyncClient {
     /// # Errors
     /// Transport errors and timeouts.
     pub async fn invoke(&self, call: &Call<'_>) -> Result<Response> {
-        let conn = self.client.conn()?;
-        let (id, slot) = conn.start(call, Notify::Task)?;
-        let pending = Pending {
-            conn,
-            id,
-            slot,
-            armed: true,
+        let call_it = async {
+            let (conn, id, slot) = self.start(call).await?;
+            Pending {
+                conn,
+                id,
+                slot,
+                armed: true,
+            }
+            .await
         };
         match call.timeout {
-            Some(t) => match tokio::time::timeout(t, pending).await {
+            Some(t) => match tokio::time::timeout(t, call_it).await {
                 Ok(r) => r,
                 Err(_) => Err(Error::Timeout(t)),
             },
-            None => pending.await,
+            None => call_it.await,
+        }
+    }
+
+    /// Send the request. A full ring is waited out as a future (the
+    /// reader wakes the callers waiting for room each time it looks at the
+    /// ring), not by blocking the thread: other tasks on it go on meanwhile.
+    /// Callers that found no room are served in the order they came.
+    async fn start(&self, call: &Call<'_>) -> Result<(Arc<dyn AnyConn>, u64, Arc<Slot>)> {
+        let conn = self.client.conn()?;
+        let core = conn.core();
+        if !core.room_wanted() {
+            if let Some((id, slot)) = conn.try_start(call, Notify::Task)? {
+                return Ok((conn, id, slot));
+            }
+        }
+        let ticket = core.room_line().join();
+        loop {
+            let looks = ticket.first().await;
+            // Have a sleeping reader woken for room too, then look (room
+            // made before that rang nobody).
+            conn.want_room();
+            // A few more tries after the other ready tasks have run (the
+            // proxy reads on meanwhile), then wait for the reader: a wake-up
+            // costs more than these on a busy connection.
+            for _ in 0..ROOM_TRIES {
+                if let Some((id, slot)) = conn.try_start(call, Notify::Task)? {
+                    return Ok((conn.clone(), id, slot));
+                }
+                crate::room::let_others_run().await;
+            }
+            ticket.next_look(looks).await;
         }
     }
 
@@ -91,6 +124,10 @@ impl AsyncClient {
         &self.client
     }
 }
+
+/// Tries for room, each after the other ready tasks ran, before the first
+/// in line waits for the reader to look at the ring again.
+const ROOM_TRIES: usize = 8;
 
 struct Pending {
     conn: Arc<dyn AnyConn>,

@@ -49,12 +49,31 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// the socket).
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn watch_fds(&self) -> Vec<BorrowedFd<'_>>;
-    /// About to sleep on [`Link::watch_fds`]: tell the peer to ring. False
-    /// (and nothing announced) if data came in meanwhile.
+    /// About to sleep on [`Link::watch_fds`]: tell the peer to ring (for
+    /// room as well, with `room`). False (and nothing announced) if data came
+    /// in meanwhile.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn sleep_begin(&self, _rx: &mut Self::Rx) -> bool {
+    fn sleep_begin(&self, _rx: &mut Self::Rx, _room: bool) -> bool {
         true
     }
+    /// As [`Link::send`], but write nothing and return false if there is no
+    /// room for any of the message now (a transport that cannot tell sends,
+    /// waiting as `send` does).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn try_send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<bool> {
+        self.send(kind, id, meta, body, idle).map(|()| true)
+    }
+    /// A caller waits for room: make sure the reader, if it sleeps, is woken
+    /// when room is made.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn want_room(&self) {}
     /// Awake again after [`Link::sleep_begin`].
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn sleep_end(&self) {}
@@ -107,8 +126,21 @@ impl Link for ShmLink {
     fn watch_fds(&self) -> Vec<BorrowedFd<'_>> {
         ShmLink::watch_fds(self)
     }
-    fn sleep_begin(&self, rx: &mut RxState) -> bool {
-        ShmLink::sleep_begin(self, rx)
+    fn sleep_begin(&self, rx: &mut RxState, room: bool) -> bool {
+        ShmLink::sleep_begin(self, rx, room)
+    }
+    fn try_send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<bool> {
+        ShmLink::try_send(self, kind, id, meta, body, idle)
+    }
+    fn want_room(&self) {
+        ShmLink::want_room(self)
     }
     fn sleep_end(&self) {
         ShmLink::sleep_end(self)
@@ -163,6 +195,16 @@ pub(crate) trait AnyConn: Send + Sync {
     fn accepting(&self) -> bool;
     fn invoke(&self, call: &Call<'_>) -> Result<Response>;
     fn start(&self, call: &Call<'_>, notify: Notify) -> Result<(u64, Arc<Slot>)>;
+    /// As [`AnyConn::start`], but `None` (nothing sent, nothing registered)
+    /// when the ring has no room for the request now: wait with
+    /// [`Core::room`] and try again.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn try_start(&self, call: &Call<'_>, notify: Notify) -> Result<Option<(u64, Arc<Slot>)>>;
+    /// See [`Link::want_room`].
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn want_room(&self);
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn core(&self) -> &Core;
     fn cancel(&self, id: u64);
     fn close(&self);
     fn in_flight(&self) -> usize;
@@ -227,6 +269,11 @@ impl<L: Link> Conn<L> {
                     if let Err(e) = me.pump_once(&mut rx, None) {
                         me.fail(e);
                     }
+                    // (This thread sleeps for data only: async callers waiting
+                    // for room look again whenever answers came, which is
+                    // when the proxy has read requests.)
+                    #[cfg(feature = "tokio")]
+                    me.core.room_ready();
                 }
             })
             .expect("spawn the meshshm reader thread");
@@ -291,8 +338,11 @@ impl<L: Link> Conn<L> {
                 if self.closing.load(Ordering::Acquire) || self.core.dead().is_some() {
                     return Ok(());
                 }
-                self.link.sleep_begin(&mut rx)
+                self.link.sleep_begin(&mut rx, self.core.room_wanted())
             };
+            // Callers waiting for room look again: after the announcement,
+            // so that room the proxy makes from now on rings this task.
+            self.core.room_ready();
             if !sleep {
                 // More came in: go on, but let the tasks just woken run when
                 // this one has used its share.
@@ -387,6 +437,55 @@ impl<L: Link> Conn<L> {
         }
     }
 
+    /// Register a call and send its request; with `wait` false, give up
+    /// (unregistered, `None`) if the ring has no room for it now.
+    fn start_or_not(
+        &self,
+        call: &Call<'_>,
+        notify: Notify,
+        wait: bool,
+    ) -> Result<Option<(u64, Arc<Slot>)>> {
+        let (id, slot) = self.core.register(notify)?;
+        let timeout_ms = call
+            .timeout
+            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
+        let sent = META.with(|m| {
+            let mut m = m.borrow_mut();
+            m.clear();
+            RequestMeta::encode(
+                &mut m,
+                call.service,
+                call.method,
+                timeout_ms,
+                call.priority,
+                call.headers,
+            );
+            let idle = &mut || self.pump_now();
+            if wait {
+                self.link
+                    .send(FrameKind::Request, id, &m, call.body, idle)
+                    .map(|()| true)
+            } else {
+                self.link
+                    .try_send(FrameKind::Request, id, &m, call.body, idle)
+            }
+        });
+        match sent {
+            Ok(true) => Ok(Some((id, slot))),
+            Ok(false) => {
+                self.core.forget(id);
+                Ok(None)
+            }
+            Err(e) => {
+                self.core.forget(id);
+                if matches!(e, Error::ProxyGone(_)) {
+                    self.fail(e.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
     fn fail(&self, e: Error) {
         let reason = match e {
             Error::ProxyGone(r) => r,
@@ -417,34 +516,20 @@ impl<L: Link> AnyConn for Conn<L> {
     }
 
     fn start(&self, call: &Call<'_>, notify: Notify) -> Result<(u64, Arc<Slot>)> {
-        let (id, slot) = self.core.register(notify)?;
-        let timeout_ms = call
-            .timeout
-            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
-        let sent = META.with(|m| {
-            let mut m = m.borrow_mut();
-            m.clear();
-            RequestMeta::encode(
-                &mut m,
-                call.service,
-                call.method,
-                timeout_ms,
-                call.priority,
-                call.headers,
-            );
-            self.link
-                .send(FrameKind::Request, id, &m, call.body, &mut || {
-                    self.pump_now()
-                })
-        });
-        if let Err(e) = sent {
-            self.core.forget(id);
-            if matches!(e, Error::ProxyGone(_)) {
-                self.fail(e.clone());
-            }
-            return Err(e);
-        }
-        Ok((id, slot))
+        self.start_or_not(call, notify, true)
+            .map(|s| s.expect("a waiting start always sends"))
+    }
+
+    fn try_start(&self, call: &Call<'_>, notify: Notify) -> Result<Option<(u64, Arc<Slot>)>> {
+        self.start_or_not(call, notify, false)
+    }
+
+    fn want_room(&self) {
+        self.link.want_room();
+    }
+
+    fn core(&self) -> &Core {
+        &self.core
     }
 
     fn invoke(&self, call: &Call<'_>) -> Result<Response> {

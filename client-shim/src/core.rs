@@ -129,6 +129,9 @@ pub(crate) struct Core {
     pending: Mutex<Table>,
     dead: OnceLock<String>,
     goaway: AtomicBool,
+    /// Async callers waiting for room in the ring to send their request.
+    #[cfg(feature = "tokio")]
+    room: crate::room::RoomLine,
 }
 
 impl Core {
@@ -140,7 +143,28 @@ impl Core {
             }),
             dead: OnceLock::new(),
             goaway: AtomicBool::new(false),
+            #[cfg(feature = "tokio")]
+            room: crate::room::RoomLine::default(),
         }
+    }
+
+    /// Whether an async caller waits for room (the reader then asks the
+    /// proxy to ring for room as well as for data).
+    #[cfg(feature = "tokio")]
+    pub(crate) fn room_wanted(&self) -> bool {
+        self.room.wanted()
+    }
+
+    /// The reader has looked at the ring: the first caller waiting for room
+    /// tries again.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn room_ready(&self) {
+        self.room.looked();
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(crate) fn room_line(&self) -> &crate::room::RoomLine {
+        &self.room
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -190,6 +214,8 @@ impl Core {
         for (_, s) in all {
             s.complete(Err(Error::ProxyGone(reason.to_owned())));
         }
+        #[cfg(feature = "tokio")]
+        self.room.close();
     }
 
     pub(crate) fn dead(&self) -> Option<&String> {

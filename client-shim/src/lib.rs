@@ -23,6 +23,8 @@ mod client;
 mod conn;
 mod core;
 mod error;
+#[cfg(feature = "tokio")]
+mod room;
 mod server;
 mod shm;
 mod tcp;

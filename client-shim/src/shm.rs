@@ -140,11 +140,54 @@ impl ShmLink {
         idle: &mut dyn FnMut(),
     ) -> Result<()> {
         check_size(meta.len() + body.len(), self.max_message)?;
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_all(tx, kind, id, &[meta, body], WriteProgress { sent: 0 }, idle)
+    }
+
+    /// As [`ShmLink::send`], but if there is no room for any of the message
+    /// now, write nothing and return false (the caller waits for room its
+    /// own way). Once part of a message is written, the rest is waited for
+    /// here (its frames must not interleave with another message's).
+    pub(crate) fn try_send(
+        &self,
+        kind: FrameKind,
+        id: u64,
+        meta: &[u8],
+        body: &[u8],
+        idle: &mut dyn FnMut(),
+    ) -> Result<bool> {
+        check_size(meta.len() + body.len(), self.max_message)?;
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let mut progress = WriteProgress { sent: 0 };
+        let done = write_message(&mut tx, kind, id, meta.len(), &[meta, body], &mut progress)?;
+        // (Even with nothing of the message written, a pad to the end of
+        // the ring may have been: publish it.)
+        tx.publish();
+        self.peer.notify();
+        if done {
+            return Ok(true);
+        }
+        if progress.sent == 0 {
+            return Ok(false);
+        }
+        self.write_all(tx, kind, id, &[meta, body], progress, idle)?;
+        Ok(true)
+    }
+
+    /// Write the message from `progress` on, waiting for room as needed.
+    fn write_all(
+        &self,
+        mut tx: MutexGuard<'_, Producer>,
+        kind: FrameKind,
+        id: u64,
+        parts: &[&[u8]; 2],
+        mut progress: WriteProgress,
+        idle: &mut dyn FnMut(),
+    ) -> Result<()> {
+        let meta_len = parts[0].len();
         let mut pause = Duration::from_micros(5);
         loop {
-            let done = write_message(&mut tx, kind, id, meta.len(), &[meta, body], &mut progress)?;
+            let done = write_message(&mut tx, kind, id, meta_len, parts, &mut progress)?;
             tx.publish();
             self.peer.notify();
             if done {
@@ -263,10 +306,16 @@ impl ShmLink {
         v
     }
 
-    /// Ask the proxy to ring before sleeping; false (nothing announced) if
-    /// a response is already waiting or the link was interrupted.
-    pub(crate) fn sleep_begin(&self, rx: &mut RxState) -> bool {
-        self.waiter.announce_sleep();
+    /// Ask the proxy to ring before sleeping (for room too, with `room`:
+    /// a caller waits for it); false (nothing announced) if a response is
+    /// already waiting or the link was interrupted.
+    pub(crate) fn sleep_begin(&self, rx: &mut RxState, room: bool) -> bool {
+        use meshshm_ring::{WANT_DATA, WANT_ROOM};
+        self.waiter.announce_sleep_for(if room {
+            WANT_DATA | WANT_ROOM
+        } else {
+            WANT_DATA
+        });
         if rx.consumer.has_data().unwrap_or(true)
             || self.interrupted.load(std::sync::atomic::Ordering::Acquire)
         {
@@ -274,6 +323,12 @@ impl ShmLink {
             return false;
         }
         true
+    }
+
+    /// A caller now waits for room: if this side's reader sleeps, have the
+    /// proxy ring it for room too. Re-check the room afterwards.
+    pub(crate) fn want_room(&self) {
+        self.waiter.widen_sleep(meshshm_ring::WANT_ROOM);
     }
 
     pub(crate) fn sleep_end(&self) {

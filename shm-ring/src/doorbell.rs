@@ -292,6 +292,24 @@ impl Waiter {
         seq
     }
 
+    /// If this side has announced sleep and not been rung since, add `want`
+    /// to what wakes it (e.g. [`WANT_ROOM`] for a task of this side that
+    /// now waits for room while another sleeps for data). True if widened;
+    /// false if nobody sleeps (whoever wakes next looks anyway). Re-check
+    /// the condition afterwards: room made before the widening rang nobody.
+    pub fn widen_sleep(&self, want: u32) -> bool {
+        let c = self.cell.get();
+        let cur = c.sleeping.load(Ordering::Relaxed);
+        let widened = cur != 0
+            && c.sleeping
+                .compare_exchange(cur, cur | want, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        // SYNC POINT C, as in announce_sleep_for: the wider flag is ordered
+        // before the caller's re-check of the ring counters.
+        fence(Ordering::SeqCst);
+        widened
+    }
+
     /// Withdraw the announcement (the condition held, or we woke up).
     pub fn cancel_sleep(&self) {
         self.cell.get().sleeping.store(0, Ordering::Relaxed);

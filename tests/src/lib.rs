@@ -67,6 +67,9 @@ pub struct ProxyOpts {
     pub socket: Option<PathBuf>,
     /// config text appended after the routes (whole sections, such as `[tls]`)
     pub extra: String,
+    /// (old, new) replacements in the default config's text (to change one
+    /// of its settings, e.g. `("max_in_flight = 4096", "max_in_flight = 4")`)
+    pub replace: Vec<(String, String)>,
 }
 
 impl Proxy {
@@ -79,6 +82,10 @@ impl Proxy {
         let dir = TempDir::new("proxy");
         let socket = o.socket.clone().unwrap_or_else(|| dir.0.join("proxy.sock"));
         let mut cfg = meshshm_proxy_default_config();
+        for (old, new) in &o.replace {
+            assert!(cfg.contains(old.as_str()), "default config has no {old:?}");
+            cfg = cfg.replace(old.as_str(), new);
+        }
         for (svc, up) in &o.routes {
             cfg.push_str(&format!("{svc} = \"{up}\"\n"));
         }

@@ -288,6 +288,73 @@ fn answers_that_wait_for_room_in_small_rings() {
     });
 }
 
+/// An async call whose request waits for room in the ring waits as a
+/// future: the other tasks of its thread go on meanwhile, and the call's
+/// timeout covers the wait. (The proxy takes 4 requests at a time here and
+/// the server app never answers, so the 64 KiB ring stays full.)
+#[test]
+fn async_call_waiting_for_room_leaves_the_thread_to_other_tasks() {
+    let p = Proxy::start_with(ProxyOpts {
+        replace: vec![("max_in_flight = 4096".into(), "max_in_flight = 4".into())],
+        ..Default::default()
+    });
+    let _server = Server::bind(Some(&p.socket), "hold").unwrap();
+    let opts = ClientOptions {
+        ring_size: 64 << 10,
+        ..options(&p, Transport::Shm)
+    };
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let c = meshshm::AsyncClient::connect(opts).await.unwrap();
+        let ticks = std::rc::Rc::new(std::cell::Cell::new(0u32));
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                let ticker = {
+                    let ticks = ticks.clone();
+                    tokio::task::spawn_local(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            ticks.set(ticks.get() + 1);
+                        }
+                    })
+                };
+                let t0 = Instant::now();
+                let calls: Vec<_> = (0..40u64)
+                    .map(|i| {
+                        let c = c.clone();
+                        tokio::task::spawn_local(async move {
+                            let b = body(i, 8 << 10);
+                            c.call("hold", "H", &b, Duration::from_millis(800)).await
+                        })
+                    })
+                    .collect();
+                let all = async {
+                    let mut out = Vec::new();
+                    for t in calls {
+                        out.push(t.await.unwrap());
+                    }
+                    out
+                };
+                let results = tokio::time::timeout(Duration::from_secs(20), all)
+                    .await
+                    .expect("calls waiting for room hung");
+                let took = t0.elapsed();
+                ticker.abort();
+                for r in &results {
+                    assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+                }
+                // 800 ms at one tick per 5 ms: 160 if nothing held the thread.
+                assert!(
+                    ticks.get() >= 40,
+                    "only {} ticks in {took:?}: a wait for room blocked the thread",
+                    ticks.get()
+                );
+            })
+            .await;
+    });
+}
+
 /// The blocking API on an async client's connection, called from inside
 /// the runtime's only thread (which its reader task needs): the caller
 /// reads its answer itself instead of waiting forever for the task.
