@@ -273,3 +273,69 @@ fn doorbell_wake_reasons() {
         n.join().unwrap();
     });
 }
+
+/// An app-side caller that waits for room while the app's reader sleeps for
+/// data (the async client's line for room): it widens the reader's
+/// announcement with `WANT_ROOM` and looks at the ring, once when it starts
+/// and again after each look of the reader (which comes after the reader's
+/// announcement). Either the caller sees the room the proxy made, or the
+/// proxy's `notify_room` rings the reader: never neither. The reader
+/// announces `WANT_ROOM` itself only if it saw the caller in line.
+#[test]
+fn doorbell_widened_sleep_gets_the_room_ring() {
+    // (The caller's wait for the reader's look is a yield loop.)
+    let mut b = loom::model::Builder::new();
+    b.max_branches = 100_000;
+    b.check(|| {
+        let (waiter, notifier) = heap_doorbell(Bell::Futex, 0);
+        let waiter = Arc::new(waiter);
+        let room = Arc::new(AtomicBool::new(false));
+        let in_line = Arc::new(AtomicBool::new(false));
+        let looked = Arc::new(AtomicBool::new(false));
+        let found = Arc::new(AtomicBool::new(false));
+        let (w2, r2, i2, l2, f2) = (
+            waiter.clone(),
+            room.clone(),
+            in_line.clone(),
+            looked.clone(),
+            found.clone(),
+        );
+        let caller = thread::spawn(move || {
+            i2.store(true, Ordering::SeqCst);
+            w2.widen_sleep(WANT_ROOM);
+            if !r2.load(Ordering::SeqCst) {
+                while !l2.load(Ordering::SeqCst) {
+                    thread::yield_now();
+                }
+                w2.widen_sleep(WANT_ROOM);
+                if !r2.load(Ordering::SeqCst) {
+                    // No room seen: only the proxy's ring may end the
+                    // reader's sleep now.
+                    return;
+                }
+            }
+            // The caller found room and goes on; the reader need not be
+            // woken (the model's end, not part of the protocol).
+            f2.store(true, Ordering::SeqCst);
+            w2.interrupt();
+        });
+        let r3 = room.clone();
+        let proxy = thread::spawn(move || {
+            r3.store(true, Ordering::SeqCst);
+            notifier.notify_room();
+        });
+        let want = if in_line.load(Ordering::SeqCst) {
+            WANT_DATA | WANT_ROOM
+        } else {
+            WANT_DATA
+        };
+        let token = waiter.announce_sleep_for(want);
+        looked.store(true, Ordering::SeqCst);
+        if !found.load(Ordering::SeqCst) {
+            waiter.block(token, None, None).unwrap();
+        }
+        waiter.cancel_sleep();
+        caller.join().unwrap();
+        proxy.join().unwrap();
+    });
+}
