@@ -15,6 +15,31 @@ use crate::shm::{RxState, ShmLink};
 use crate::tcp::{TcpLink, TcpRx};
 use crate::{Call, Response};
 
+/// One message to send: its frame kind, stream id, metadata and body.
+#[derive(Clone, Copy)]
+pub(crate) struct Out<'a> {
+    pub(crate) kind: FrameKind,
+    pub(crate) id: u64,
+    pub(crate) meta: &'a [u8],
+    pub(crate) body: &'a [u8],
+}
+
+impl Out<'_> {
+    /// A message of `kind` with neither metadata nor body (Cancel).
+    pub(crate) fn empty(kind: FrameKind, id: u64) -> Out<'static> {
+        Out {
+            kind,
+            id,
+            meta: &[],
+            body: &[],
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.meta.len() + self.body.len()
+    }
+}
+
 /// What a transport provides to the call protocol.
 pub(crate) trait Link: Send + Sync + 'static {
     type Rx;
@@ -22,14 +47,7 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// Send one message, waiting for room; `idle` runs whenever there is
     /// none (the caller reads responses meanwhile: the room it waits for may
     /// depend on them, and its thread may be the one that reads them).
-    fn send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<()>;
+    fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()>;
     fn try_rx(&self) -> Option<MutexGuard<'_, Self::Rx>>;
     fn rx(&self) -> MutexGuard<'_, Self::Rx>;
     fn drain(
@@ -60,15 +78,8 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// room for any of the message now (a transport that cannot tell sends,
     /// waiting as `send` does).
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn try_send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<bool> {
-        self.send(kind, id, meta, body, idle).map(|()| true)
+    fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<bool> {
+        self.send(m, idle).map(|()| true)
     }
     /// A caller waits for room: make sure the reader, if it sleeps, is woken
     /// when room is made.
@@ -94,15 +105,8 @@ impl Link for ShmLink {
         // readable means EOF, the proxy is gone.
         crate::shm::readable_now(&self.ctl)
     }
-    fn send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<()> {
-        ShmLink::send(self, kind, id, meta, body, idle)
+    fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
+        ShmLink::send(self, m, idle)
     }
     fn try_rx(&self) -> Option<MutexGuard<'_, RxState>> {
         ShmLink::try_rx(self)
@@ -129,15 +133,8 @@ impl Link for ShmLink {
     fn sleep_begin(&self, rx: &mut RxState, room: bool) -> bool {
         ShmLink::sleep_begin(self, rx, room)
     }
-    fn try_send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<bool> {
-        ShmLink::try_send(self, kind, id, meta, body, idle)
+    fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<bool> {
+        ShmLink::try_send(self, m, idle)
     }
     fn want_room(&self) {
         ShmLink::want_room(self)
@@ -152,15 +149,8 @@ impl Link for TcpLink {
     fn name(&self) -> &'static str {
         "tcp"
     }
-    fn send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<()> {
-        TcpLink::send(self, kind, id, meta, body, idle)
+    fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
+        TcpLink::send(self, m, idle)
     }
     fn try_rx(&self) -> Option<MutexGuard<'_, TcpRx>> {
         TcpLink::try_rx(self)
@@ -461,13 +451,16 @@ impl<L: Link> Conn<L> {
                 call.headers,
             );
             let idle = &mut || self.pump_now();
+            let out = Out {
+                kind: FrameKind::Request,
+                id,
+                meta: &m,
+                body: call.body,
+            };
             if wait {
-                self.link
-                    .send(FrameKind::Request, id, &m, call.body, idle)
-                    .map(|()| true)
+                self.link.send(out, idle).map(|()| true)
             } else {
-                self.link
-                    .try_send(FrameKind::Request, id, &m, call.body, idle)
+                self.link.try_send(out, idle)
             }
         });
         match sent {
@@ -594,7 +587,7 @@ impl<L: Link> AnyConn for Conn<L> {
         if self.core.dead().is_none() {
             let _ = self
                 .link
-                .send(FrameKind::Cancel, id, &[], &[], &mut || self.pump_now());
+                .send(Out::empty(FrameKind::Cancel, id), &mut || self.pump_now());
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use meshshm_proto::{default_socket_path, RequestMeta, ResponseMeta, Role};
 use meshshm_ring::{FrameKind, WaitOutcome};
 
+use crate::conn::Out;
 use crate::error::{Error, Result};
 use crate::shm::{HelloOpts, ShmLink};
 
@@ -223,8 +224,15 @@ impl Server {
         let mut meta = Vec::with_capacity(16);
         ResponseMeta::encode(&mut meta, status, message, headers);
         // The proxy always reads a server's ring: room comes without us.
-        self.link
-            .send(FrameKind::Response, id, &meta, body, &mut || {})
+        self.link.send(
+            Out {
+                kind: FrameKind::Response,
+                id,
+                meta: &meta,
+                body,
+            },
+            &mut || {},
+        )
     }
 
     /// Serve requests with `handler` until the proxy goes away; the handler

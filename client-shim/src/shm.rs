@@ -14,7 +14,7 @@ use meshshm_ring::{
     Segment, Side, WaitOutcome, Waiter, WriteProgress,
 };
 
-use crate::conn::{check_size, try_lock};
+use crate::conn::{check_size, try_lock, Out};
 use crate::error::{Error, Result};
 
 /// A connected shm session: control socket plus this app's end of the segment.
@@ -131,66 +131,58 @@ impl ShmLink {
     /// Send one message (as many frames as it takes), waiting for room when
     /// the ring is full (running `idle` first each time). Fails if the proxy
     /// goes away meanwhile.
-    pub(crate) fn send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<()> {
-        check_size(meta.len() + body.len(), self.max_message)?;
+    pub(crate) fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
+        check_size(m.len(), self.max_message)?;
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_all(tx, kind, id, &[meta, body], WriteProgress { sent: 0 }, idle)
+        self.write_all(tx, m, WriteProgress { sent: 0 }, idle)
     }
 
     /// As [`ShmLink::send`], but if there is no room for any of the message
     /// now, write nothing and return false (the caller waits for room its
     /// own way). Once part of a message is written, the rest is waited for
     /// here (its frames must not interleave with another message's).
-    pub(crate) fn try_send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<bool> {
-        check_size(meta.len() + body.len(), self.max_message)?;
+    pub(crate) fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<bool> {
+        check_size(m.len(), self.max_message)?;
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let mut progress = WriteProgress { sent: 0 };
-        let done = write_message(&mut tx, kind, id, meta.len(), &[meta, body], &mut progress)?;
-        // (Even with nothing of the message written, a pad to the end of
-        // the ring may have been: publish it.)
-        tx.publish();
-        self.peer.notify();
-        if done {
+        if self.write_some(&mut tx, m, &mut progress)? {
             return Ok(true);
         }
         if progress.sent == 0 {
             return Ok(false);
         }
-        self.write_all(tx, kind, id, &[meta, body], progress, idle)?;
+        self.write_all(tx, m, progress, idle)?;
         Ok(true)
+    }
+
+    /// Write as much of the message as fits from `progress` on, publish
+    /// it and ring the proxy if it sleeps; true once all of it is written.
+    /// (Even with nothing of the message written, a pad to the end of the
+    /// ring may have been: it is published too.)
+    fn write_some(
+        &self,
+        tx: &mut Producer,
+        m: Out<'_>,
+        progress: &mut WriteProgress,
+    ) -> Result<bool> {
+        let parts = [m.meta, m.body];
+        let done = write_message(tx, m.kind, m.id, m.meta.len(), &parts, progress)?;
+        tx.publish();
+        self.peer.notify();
+        Ok(done)
     }
 
     /// Write the message from `progress` on, waiting for room as needed.
     fn write_all(
         &self,
         mut tx: MutexGuard<'_, Producer>,
-        kind: FrameKind,
-        id: u64,
-        parts: &[&[u8]; 2],
+        m: Out<'_>,
         mut progress: WriteProgress,
         idle: &mut dyn FnMut(),
     ) -> Result<()> {
-        let meta_len = parts[0].len();
         let mut pause = Duration::from_micros(5);
         loop {
-            let done = write_message(&mut tx, kind, id, meta_len, parts, &mut progress)?;
-            tx.publish();
-            self.peer.notify();
-            if done {
+            if self.write_some(&mut tx, m, &mut progress)? {
                 return Ok(());
             }
             // The ring is full: the proxy frees room as it reads, and it may
@@ -260,7 +252,11 @@ impl ShmLink {
                 match m.kind {
                     FrameKind::Ping => {
                         let payload = m.data.to_vec();
-                        self.send(FrameKind::Pong, m.stream_id, &[], &payload, &mut || {})?;
+                        let pong = Out {
+                            body: &payload,
+                            ..Out::empty(FrameKind::Pong, m.stream_id)
+                        };
+                        self.send(pong, &mut || {})?;
                     }
                     _ => on(&m)?,
                 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use meshshm_proto::{encode_frame, FrameDecoder};
 use meshshm_ring::{FrameKind, Message, Reassembler, WaitOutcome, HEADER_LEN};
 
-use crate::conn::{check_size, try_lock};
+use crate::conn::{check_size, try_lock, Out};
 use crate::error::{gone, Error, Result};
 
 pub(crate) struct TcpLink {
@@ -72,21 +72,14 @@ impl TcpLink {
     /// reads; writes use `MSG_DONTWAIT`, so that while the socket buffer is
     /// full `idle` can read the proxy's answers (which the proxy may be
     /// waiting to send before it reads more).
-    pub(crate) fn send(
-        &self,
-        kind: FrameKind,
-        id: u64,
-        meta: &[u8],
-        body: &[u8],
-        idle: &mut dyn FnMut(),
-    ) -> Result<()> {
+    pub(crate) fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
         use nix::sys::socket::{send, MsgFlags};
         use std::os::fd::AsRawFd;
-        check_size(meta.len() + body.len(), self.max_message)?;
+        check_size(m.len(), self.max_message)?;
         OUT.with(|o| {
             let mut o = o.borrow_mut();
             o.clear();
-            encode_frame(&mut o, kind, id, meta.len(), &[meta, body]);
+            encode_frame(&mut o, m.kind, m.id, m.meta.len(), &[m.meta, m.body]);
             let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
             let mut off = 0;
             while off < o.len() {
@@ -136,7 +129,11 @@ impl TcpLink {
                     if let Some(m) = rx.reasm.feed(&h, payload)? {
                         if m.kind == FrameKind::Ping {
                             let p = m.data.to_vec();
-                            self.send(FrameKind::Pong, m.stream_id, &[], &p, &mut || {})?;
+                            let pong = Out {
+                                body: &p,
+                                ..Out::empty(FrameKind::Pong, m.stream_id)
+                            };
+                            self.send(pong, &mut || {})?;
                         } else {
                             on(&m)?;
                         }

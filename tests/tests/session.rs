@@ -220,14 +220,7 @@ fn async_client_large_calls_on_one_thread_do_not_deadlock() {
                     assert!(r == b, "call {i}: wrong body");
                 }));
             }
-            let all = async {
-                for t in tasks {
-                    t.await.unwrap();
-                }
-            };
-            tokio::time::timeout(T, all)
-                .await
-                .expect("large concurrent calls on one thread hung");
+            join_within(tasks, "large concurrent calls on one thread").await;
         });
     }
 }
@@ -261,14 +254,7 @@ fn answers_that_wait_for_room_in_small_rings() {
                 }
             }));
         }
-        let all = async {
-            for t in tasks {
-                t.await.unwrap();
-            }
-        };
-        tokio::time::timeout(T, all)
-            .await
-            .expect("calls waiting for room hung");
+        join_within(tasks, "calls waiting for room").await;
     });
     let c = Client::with_options(opts).unwrap();
     std::thread::scope(|s| {
@@ -372,6 +358,18 @@ fn blocking_call_on_the_async_clients_runtime_thread_completes() {
                 assert_eq!(c.call("echo", "E", &b, T).await.unwrap(), b);
             }
         });
+    }
+}
+
+/// Await every task (each panics on a wrong answer) within `T`.
+async fn join_within(tasks: Vec<tokio::task::JoinHandle<()>>, what: &str) {
+    let all = async {
+        for t in tasks {
+            t.await.unwrap();
+        }
+    };
+    if tokio::time::timeout(T, all).await.is_err() {
+        panic!("{what} hung");
     }
 }
 
