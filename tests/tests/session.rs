@@ -240,22 +240,25 @@ fn answers_that_wait_for_room_in_small_rings() {
     // 20 KiB .. 60 KiB: single frames (under the 64 KiB ring's frame limit),
     // mostly too large to fit twice, so the end of the ring is often padded.
     let size = |i: u64| (20 << 10) + (i as usize * 7919) % (40 << 10);
-    let rt = current_thread_rt();
-    rt.block_on(async {
-        let c = meshshm::AsyncClient::connect(opts.clone()).await.unwrap();
-        let mut tasks = Vec::new();
-        for i in 0..32u64 {
-            let c = c.clone();
-            tasks.push(tokio::task::spawn(async move {
-                for k in 0..8 {
-                    let b = body(i * 100 + k, size(i * 8 + k));
-                    let r = c.call("echo", "E", &b, T).await.unwrap();
-                    assert!(r == b, "call {i}/{k}: wrong body");
-                }
-            }));
-        }
-        join_within(tasks, "calls waiting for room").await;
-    });
+    // On one thread, and on two workers (the reader and the callers in
+    // line then run on either).
+    for rt in [current_thread_rt(), tokio_rt()] {
+        rt.block_on(async {
+            let c = meshshm::AsyncClient::connect(opts.clone()).await.unwrap();
+            let mut tasks = Vec::new();
+            for i in 0..32u64 {
+                let c = c.clone();
+                tasks.push(tokio::task::spawn(async move {
+                    for k in 0..8 {
+                        let b = body(i * 100 + k, size(i * 8 + k));
+                        let r = c.call("echo", "E", &b, T).await.unwrap();
+                        assert!(r == b, "call {i}/{k}: wrong body");
+                    }
+                }));
+            }
+            join_within(tasks, "calls waiting for room").await;
+        });
+    }
     let c = Client::with_options(opts).unwrap();
     std::thread::scope(|s| {
         for t in 0..4u64 {
