@@ -95,12 +95,12 @@ impl AsyncClient {
     async fn start(&self, call: &Call<'_>) -> Result<(Arc<dyn AnyConn>, u64, Arc<Slot>)> {
         let conn = self.client.conn()?;
         let core = conn.core();
-        if !core.room_wanted() {
+        if !core.room().wanted() {
             if let Some((id, slot)) = conn.try_start(call, Notify::Task)? {
                 return Ok((conn, id, slot));
             }
         }
-        let ticket = core.room_line().join();
+        let ticket = core.room().join();
         loop {
             let looks = ticket.first().await;
             // Have a sleeping reader woken for room too, then look (room

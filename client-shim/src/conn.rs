@@ -233,10 +233,9 @@ impl<L: Link> Conn<L> {
         })
     }
 
-    /// Turn this connection's receive side over to a thread of its own (for
-    /// the async API, where no calling thread blocks to read).
-    /// Give the connection a reader of its own: a task on the current tokio
-    /// runtime if there is one, else a thread.
+    /// Give the connection a reader of its own (for the async API, where no
+    /// calling thread blocks to read): a task on the current tokio runtime if
+    /// there is one, else a thread.
     pub(crate) fn start_reader(self: &Arc<Self>) {
         #[cfg(feature = "tokio")]
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -263,7 +262,7 @@ impl<L: Link> Conn<L> {
                     // for room look again whenever answers came, which is
                     // when the proxy has read requests.)
                     #[cfg(feature = "tokio")]
-                    me.core.room_ready();
+                    me.core.room().looked();
                 }
             })
             .expect("spawn the meshshm reader thread");
@@ -328,11 +327,11 @@ impl<L: Link> Conn<L> {
                 if self.closing.load(Ordering::Acquire) || self.core.dead().is_some() {
                     return Ok(());
                 }
-                self.link.sleep_begin(&mut rx, self.core.room_wanted())
+                self.link.sleep_begin(&mut rx, self.core.room().wanted())
             };
             // Callers waiting for room look again: after the announcement,
             // so that room the proxy makes from now on rings this task.
-            self.core.room_ready();
+            self.core.room().looked();
             if !sleep {
                 // More came in: go on, but let the tasks just woken run when
                 // this one has used its share.

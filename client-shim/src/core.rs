@@ -148,22 +148,9 @@ impl Core {
         }
     }
 
-    /// Whether an async caller waits for room (the reader then asks the
-    /// proxy to ring for room as well as for data).
+    /// The async callers waiting for room to send (see [`crate::room`]).
     #[cfg(feature = "tokio")]
-    pub(crate) fn room_wanted(&self) -> bool {
-        self.room.wanted()
-    }
-
-    /// The reader has looked at the ring: the first caller waiting for room
-    /// tries again.
-    #[cfg(feature = "tokio")]
-    pub(crate) fn room_ready(&self) {
-        self.room.looked();
-    }
-
-    #[cfg(feature = "tokio")]
-    pub(crate) fn room_line(&self) -> &crate::room::RoomLine {
+    pub(crate) fn room(&self) -> &crate::room::RoomLine {
         &self.room
     }
 

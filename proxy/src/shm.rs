@@ -431,9 +431,8 @@ struct Session {
     out: VecDeque<OutMsg>,
     out_bytes: usize,
     /// The request at the head of the app's ring waits for room for its
-    /// answer (`stall_need` bytes) in the other ring.
-    stalled: bool,
-    stall_need: usize,
+    /// answer, of this many bytes, in the other ring.
+    stalled: Option<usize>,
     done_tx: crate::dispatch::Done,
     done_rx: mpsc::UnboundedReceiver<(u64, tokio::task::Id, Resp)>,
     inflight: InFlight,
@@ -474,8 +473,7 @@ impl Session {
             reasm: Reassembler::new(max),
             out: VecDeque::new(),
             out_bytes: 0,
-            stalled: false,
-            stall_need: 0,
+            stalled: None,
             done_tx,
             done_rx,
             inflight: HashMap::new(),
@@ -525,8 +523,8 @@ impl Session {
     /// announcing sleep too, so that room made just before it is not
     /// missed. (The check may stage a pad to the end of the ring, which must
     /// reach the app for the room behind it to come.)
-    fn room_again(&mut self) -> bool {
-        let fits = self.ep.tx.fits_now(self.stall_need).unwrap_or(true);
+    fn room_again(&mut self, need: usize) -> bool {
+        let fits = self.ep.tx.fits_now(need).unwrap_or(true);
         if !fits {
             self.ep.flush();
         }
@@ -546,7 +544,7 @@ impl Session {
     fn paused(&self) -> bool {
         match self.role {
             Role::Client => {
-                self.stalled
+                self.stalled.is_some()
                     || self.inflight.len() >= self.sh.cfg.shm.max_in_flight
                     || self.backlogged()
             }
@@ -597,8 +595,7 @@ impl Session {
                                 Err(e) => return Err(e.to_string()),
                             };
                         if !fits {
-                            self.stalled = true;
-                            self.stall_need = reply;
+                            self.stalled = Some(reply);
                             break;
                         }
                     }
@@ -761,7 +758,9 @@ impl Session {
         let mut any = self.flush_out().map_err(|e| e.to_string())?;
         // Stalled on room for an answer: look again once nothing is queued
         // ahead of it (read_incoming checks the room and may stall again).
-        self.stalled &= !self.out.is_empty();
+        if self.out.is_empty() {
+            self.stalled = None;
+        }
         any |= self.take_completions();
         if !self.paused() {
             any |= self.read_incoming()? > 0;
@@ -773,7 +772,7 @@ impl Session {
 
     fn has_work(&mut self) -> bool {
         (!self.paused() && self.ep.rx.has_data().unwrap_or(true))
-            || (self.stalled && self.out.is_empty() && self.room_again())
+            || (self.out.is_empty() && self.stalled.is_some_and(|need| self.room_again(need)))
             || !self.done_rx.is_empty()
             || self.cancel_rx.as_ref().is_some_and(|r| !r.is_empty())
             || (self.intake_open() && self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty()))
@@ -830,7 +829,7 @@ impl Session {
             // woken by the app for room only while answers wait for it.
             self.ep
                 .waiter
-                .announce_sleep_for(if self.out.is_empty() && !self.stalled {
+                .announce_sleep_for(if self.out.is_empty() && self.stalled.is_none() {
                     meshshm_ring::WANT_DATA
                 } else {
                     meshshm_ring::WANT_ANY
