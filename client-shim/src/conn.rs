@@ -11,7 +11,7 @@ use meshshm_ring::{FrameKind, Message, WaitOutcome};
 
 use crate::core::{Core, Notify, Slot};
 use crate::error::{Error, Result};
-use crate::shm::{RxState, ShmLink};
+use crate::shm::{Rest, RxState, ShmLink};
 use crate::tcp::{TcpLink, TcpRx};
 use crate::{Call, Response};
 
@@ -71,15 +71,28 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// room as well, with `room`). False (and nothing announced) if data came
     /// in meanwhile.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn sleep_begin(&self, _rx: &mut Self::Rx, _room: bool) -> bool {
-        true
+    fn sleep_begin(&self, _rx: &mut Self::Rx, _room: bool) -> Result<bool> {
+        Ok(true)
     }
     /// As [`Link::send`], but write nothing and return false if there is no
     /// room for any of the message now (a transport that cannot tell sends,
-    /// waiting as `send` does).
+    /// waiting as `send` does). What happens to the rest of a message cut
+    /// by a full ring: see [`Rest`].
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<bool> {
+    fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut(), _rest: Rest) -> Result<bool> {
         self.send(m, idle).map(|()| true)
+    }
+    /// Send now or leave it to the connection, never waiting for room (a
+    /// small message: a Cancel from a dropped future).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn send_or_owe(&self, m: Out<'_>) -> Result<()> {
+        self.send(m, &mut || {})
+    }
+    /// The reader task's turn to write what senders left to the connection
+    /// ([`Rest::Owe`]); true if some is still waiting for room.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    fn write_owed(&self) -> Result<bool> {
+        Ok(false)
     }
     /// A caller waits for room: make sure the reader, if it sleeps, is woken
     /// when room is made.
@@ -130,11 +143,17 @@ impl Link for ShmLink {
     fn watch_fds(&self) -> Vec<BorrowedFd<'_>> {
         ShmLink::watch_fds(self)
     }
-    fn sleep_begin(&self, rx: &mut RxState, room: bool) -> bool {
+    fn sleep_begin(&self, rx: &mut RxState, room: bool) -> Result<bool> {
         ShmLink::sleep_begin(self, rx, room)
     }
-    fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<bool> {
-        ShmLink::try_send(self, m, idle)
+    fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut(), rest: Rest) -> Result<bool> {
+        ShmLink::try_send(self, m, idle, rest)
+    }
+    fn send_or_owe(&self, m: Out<'_>) -> Result<()> {
+        ShmLink::send_or_owe(self, m)
+    }
+    fn write_owed(&self) -> Result<bool> {
+        ShmLink::write_owed_now(self)
     }
     fn want_room(&self) {
         ShmLink::want_room(self)
@@ -321,13 +340,16 @@ impl<L: Link> Conn<L> {
             if self.closing.load(Ordering::Acquire) {
                 return Ok(());
             }
+            // What senders left to the connection goes first (the proxy
+            // may have made room for it: that is one reason to be here).
+            self.link.write_owed()?;
             let sleep = {
                 let mut rx = self.link.rx();
                 self.deliver_arrived(&mut rx)?;
                 if self.closing.load(Ordering::Acquire) || self.core.dead().is_some() {
                     return Ok(());
                 }
-                self.link.sleep_begin(&mut rx, self.core.room().wanted())
+                self.link.sleep_begin(&mut rx, self.core.room().wanted())?
             };
             // Callers waiting for room look again: after the announcement,
             // so that room the proxy makes from now on rings this task.
@@ -434,6 +456,13 @@ impl<L: Link> Conn<L> {
         notify: Notify,
         wait: bool,
     ) -> Result<Option<(u64, Arc<Slot>)>> {
+        // A task's call leaves the rest of a message cut by a full ring to
+        // the connection's reader task (its thread runs other tasks); a
+        // thread waits for room itself.
+        let rest = match notify {
+            Notify::Task if self.reader.load(Ordering::Acquire) == READER_TASK => Rest::Owe,
+            _ => Rest::Wait,
+        };
         let (id, slot) = self.core.register(notify)?;
         let timeout_ms = call
             .timeout
@@ -459,7 +488,7 @@ impl<L: Link> Conn<L> {
             if wait {
                 self.link.send(out, idle).map(|()| true)
             } else {
-                self.link.try_send(out, idle)
+                self.link.try_send(out, idle, rest)
             }
         });
         match sent {
@@ -583,11 +612,17 @@ impl<L: Link> AnyConn for Conn<L> {
 
     fn cancel(&self, id: u64) {
         self.core.forget(id);
-        if self.core.dead().is_none() {
-            let _ = self
-                .link
-                .send(Out::empty(FrameKind::Cancel, id), &mut || self.pump_now());
+        if self.core.dead().is_some() {
+            return;
         }
+        let cancel = Out::empty(FrameKind::Cancel, id);
+        // A reader task writes it later if the ring is full now: a dropped
+        // future must not hold up its thread.
+        let _ = if self.reader.load(Ordering::Acquire) == READER_TASK {
+            self.link.send_or_owe(cancel)
+        } else {
+            self.link.send(cancel, &mut || self.pump_now())
+        };
     }
 
     fn close(&self) {

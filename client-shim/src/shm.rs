@@ -1,17 +1,19 @@
 //! The shared-memory transport: handshake on the control socket, then
 //! frames through the segment's rings.
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use meshshm_proto::{recv_with_fds, write_control, Answer, Hello, Role, Welcome};
 use meshshm_ring::{
-    write_message, Bell, Consumer, Endpoint, FrameKind, Message, Notifier, Producer, Reassembler,
-    Segment, Side, WaitOutcome, Waiter, WriteProgress,
+    write_message, write_message_rest, Bell, Consumer, Endpoint, FrameKind, Message, Notifier,
+    Producer, Reassembler, Segment, Side, WaitOutcome, Waiter, WriteProgress,
 };
 
 use crate::conn::{check_size, try_lock, Out};
@@ -20,7 +22,7 @@ use crate::error::{Error, Result};
 /// A connected shm session: control socket plus this app's end of the segment.
 pub(crate) struct ShmLink {
     pub(crate) ctl: UnixStream,
-    tx: Mutex<Producer>,
+    tx: Mutex<Tx>,
     rx: Mutex<RxState>,
     waiter: Waiter,
     peer: Notifier,
@@ -28,6 +30,42 @@ pub(crate) struct ShmLink {
     pub(crate) welcome: Welcome,
     /// Set (for good) by [`ShmLink::interrupt`]: waits return at once.
     interrupted: std::sync::atomic::AtomicBool,
+    /// `tx.owed.len()`, readable without the lock.
+    owing: AtomicUsize,
+}
+
+/// The send side.
+pub(crate) struct Tx {
+    producer: Producer,
+    /// Messages (or their rests) that must go before anything else, in
+    /// order: left by senders that did not wait for room ([`Rest::Owe`],
+    /// [`ShmLink::send_or_owe`]).
+    owed: VecDeque<Owed>,
+}
+
+/// A message owed to the ring: its bytes from `base` on (a copy).
+struct Owed {
+    kind: FrameKind,
+    id: u64,
+    /// Metadata bytes at the start of the message (used when `base` is 0).
+    meta_len: usize,
+    total: usize,
+    base: usize,
+    bytes: Vec<u8>,
+    progress: WriteProgress,
+}
+
+/// What a sender that wrote part of a message and found the ring full
+/// does with the rest.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Rest {
+    /// Wait for room here (a thread that may block).
+    Wait,
+    /// Leave a copy to the connection, written before anything sent after
+    /// it: by the next sender, or by the reader task when room is made (an
+    /// async caller, whose thread runs other tasks).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Owe,
 }
 
 pub(crate) struct RxState {
@@ -115,7 +153,10 @@ impl ShmLink {
             .map_err(|e| Error::connect(&target, e))?;
         Ok(ShmLink {
             ctl,
-            tx: Mutex::new(tx),
+            tx: Mutex::new(Tx {
+                producer: tx,
+                owed: VecDeque::new(),
+            }),
             rx: Mutex::new(RxState {
                 consumer: rx,
                 reasm: Reassembler::new(max_message as usize),
@@ -125,6 +166,7 @@ impl ShmLink {
             max_message: max_message as usize,
             welcome,
             interrupted: std::sync::atomic::AtomicBool::new(false),
+            owing: AtomicUsize::new(0),
         })
     }
 
@@ -133,17 +175,25 @@ impl ShmLink {
     /// goes away meanwhile.
     pub(crate) fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
         check_size(m.len(), self.max_message)?;
-        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        self.write_all(tx, m, WriteProgress { sent: 0 }, idle)
+        let mut tx = self.lock_tx();
+        self.write_all(&mut tx, idle, |me, tx| me.write_owed(tx))?;
+        let mut progress = WriteProgress { sent: 0 };
+        self.write_all(&mut tx, idle, |me, tx| me.write_some(tx, m, &mut progress))
     }
 
     /// As [`ShmLink::send`], but if there is no room for any of the message
-    /// now, write nothing and return false (the caller waits for room its
-    /// own way). Once part of a message is written, the rest is waited for
-    /// here (its frames must not interleave with another message's).
-    pub(crate) fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<bool> {
+    /// now (or messages owed are still waiting for it), write nothing and
+    /// return false: the caller waits for room its own way. Once part of a
+    /// message is written its frames must not interleave with another
+    /// message's: with [`Rest::Wait`] the rest is waited for here, with
+    /// [`Rest::Owe`] a copy of it is left to the connection (see
+    /// [`ShmLink::write_owed`]) and the message counts as sent.
+    pub(crate) fn try_send(&self, m: Out<'_>, idle: &mut dyn FnMut(), rest: Rest) -> Result<bool> {
         check_size(m.len(), self.max_message)?;
-        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = self.lock_tx();
+        if !self.write_owed(&mut tx)? {
+            return Ok(false);
+        }
         let mut progress = WriteProgress { sent: 0 };
         if self.write_some(&mut tx, m, &mut progress)? {
             return Ok(true);
@@ -151,38 +201,156 @@ impl ShmLink {
         if progress.sent == 0 {
             return Ok(false);
         }
-        self.write_all(tx, m, progress, idle)?;
+        match rest {
+            Rest::Owe => {
+                let base = progress.sent;
+                let skip_meta = base.min(m.meta.len());
+                let mut bytes = Vec::with_capacity(m.len() - base);
+                bytes.extend_from_slice(&m.meta[skip_meta..]);
+                bytes.extend_from_slice(&m.body[base - skip_meta..]);
+                self.owe(
+                    &mut tx,
+                    Owed {
+                        kind: m.kind,
+                        id: m.id,
+                        meta_len: m.meta.len(),
+                        total: m.len(),
+                        base,
+                        bytes,
+                        progress,
+                    },
+                )?;
+                Ok(true)
+            }
+            Rest::Wait => {
+                self.write_all(&mut tx, idle, |me, tx| me.write_some(tx, m, &mut progress))?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Send `m` if the ring has room for it now and nothing is owed ahead of
+    /// it, else owe it: it is written, in order, before anything sent after
+    /// it (a Cancel from a dropped future, which must not wait).
+    pub(crate) fn send_or_owe(&self, m: Out<'_>) -> Result<()> {
+        check_size(m.len(), self.max_message)?;
+        if self.try_send(m, &mut || {}, Rest::Owe)? {
+            return Ok(());
+        }
+        let mut tx = self.lock_tx();
+        let bytes = [m.meta, m.body].concat();
+        self.owe(
+            &mut tx,
+            Owed {
+                kind: m.kind,
+                id: m.id,
+                meta_len: m.meta.len(),
+                total: bytes.len(),
+                base: 0,
+                bytes,
+                progress: WriteProgress { sent: 0 },
+            },
+        )
+    }
+
+    /// Leave `o` to the connection, then have a sleeping reader woken for
+    /// room too and look once more (room made before that rang nobody; a
+    /// reader about to sleep sees `owing` after its announcement).
+    fn owe(&self, tx: &mut Tx, o: Owed) -> Result<()> {
+        tx.owed.push_back(o);
+        self.owing.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.waiter.widen_sleep(meshshm_ring::WANT_ROOM);
+        self.write_owed(tx)?;
+        Ok(())
+    }
+
+    /// Write what is owed (the rests of messages whose senders did not wait
+    /// for room, in order) as far as the ring has room; true once nothing is
+    /// owed. Every sender calls it first; the reader task calls it each time
+    /// it looks at the ring, and asks the proxy to ring for room meanwhile.
+    pub(crate) fn write_owed(&self, tx: &mut Tx) -> Result<bool> {
+        let Tx { producer, owed } = tx;
+        while let Some(o) = owed.front_mut() {
+            let done = if o.base == 0 {
+                write_message(
+                    producer,
+                    o.kind,
+                    o.id,
+                    o.meta_len,
+                    &[&o.bytes],
+                    &mut o.progress,
+                )
+            } else {
+                write_message_rest(
+                    producer,
+                    o.kind,
+                    o.id,
+                    o.total,
+                    o.base,
+                    &o.bytes,
+                    &mut o.progress,
+                )
+            };
+            let done = done?;
+            producer.publish();
+            self.peer.notify();
+            if !done {
+                return Ok(false);
+            }
+            owed.pop_front();
+            self.owing.fetch_sub(1, Ordering::SeqCst);
+        }
         Ok(true)
+    }
+
+    /// The reader task's turn: write what is owed, unless a sender holds
+    /// the send side (it writes what is owed first, or waits for room in
+    /// its own way); true if something is still owed.
+    pub(crate) fn write_owed_now(&self) -> Result<bool> {
+        if self.owing.load(Ordering::SeqCst) == 0 {
+            return Ok(false);
+        }
+        match try_lock(&self.tx) {
+            Some(mut tx) => Ok(!self.write_owed(&mut tx)?),
+            None => Ok(false),
+        }
+    }
+
+    fn lock_tx(&self) -> MutexGuard<'_, Tx> {
+        self.tx.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Write as much of the message as fits from `progress` on, publish
     /// it and ring the proxy if it sleeps; true once all of it is written.
     /// (Even with nothing of the message written, a pad to the end of the
     /// ring may have been: it is published too.)
-    fn write_some(
-        &self,
-        tx: &mut Producer,
-        m: Out<'_>,
-        progress: &mut WriteProgress,
-    ) -> Result<bool> {
+    fn write_some(&self, tx: &mut Tx, m: Out<'_>, progress: &mut WriteProgress) -> Result<bool> {
         let parts = [m.meta, m.body];
-        let done = write_message(tx, m.kind, m.id, m.meta.len(), &parts, progress)?;
-        tx.publish();
+        let done = write_message(
+            &mut tx.producer,
+            m.kind,
+            m.id,
+            m.meta.len(),
+            &parts,
+            progress,
+        )?;
+        tx.producer.publish();
         self.peer.notify();
         Ok(done)
     }
 
-    /// Write the message from `progress` on, waiting for room as needed.
+    /// Repeat `step` (a write that returns true when done), waiting for room
+    /// between tries.
     fn write_all(
         &self,
-        mut tx: MutexGuard<'_, Producer>,
-        m: Out<'_>,
-        mut progress: WriteProgress,
+        tx: &mut Tx,
         idle: &mut dyn FnMut(),
+        mut step: impl FnMut(&Self, &mut Tx) -> Result<bool>,
     ) -> Result<()> {
         let mut pause = Duration::from_micros(5);
         loop {
-            if self.write_some(&mut tx, m, &mut progress)? {
+            if step(self, tx)? {
                 return Ok(());
             }
             // The ring is full: the proxy frees room as it reads, and it may
@@ -302,10 +470,11 @@ impl ShmLink {
         v
     }
 
-    /// Ask the proxy to ring before sleeping (for room too, with `room`:
-    /// a caller waits for it); false (nothing announced) if a response is
-    /// already waiting or the link was interrupted.
-    pub(crate) fn sleep_begin(&self, rx: &mut RxState, room: bool) -> bool {
+    /// Ask the proxy to ring before sleeping (for room as well, with `room`
+    /// — a caller waits for it — or when messages are owed); false (nothing
+    /// announced) if a response is already waiting or the link was
+    /// interrupted.
+    pub(crate) fn sleep_begin(&self, rx: &mut RxState, room: bool) -> Result<bool> {
         use meshshm_ring::{WANT_DATA, WANT_ROOM};
         self.waiter.announce_sleep_for(if room {
             WANT_DATA | WANT_ROOM
@@ -316,9 +485,15 @@ impl ShmLink {
             || self.interrupted.load(std::sync::atomic::Ordering::Acquire)
         {
             self.waiter.cancel_sleep();
-            return false;
+            return Ok(false);
         }
-        true
+        // After the announcement: a sender that owes from now on widens it
+        // itself (see `owe`).
+        if self.owing.load(Ordering::SeqCst) > 0 {
+            self.waiter.widen_sleep(WANT_ROOM);
+            self.write_owed_now()?;
+        }
+        Ok(true)
     }
 
     /// A caller now waits for room: if this side's reader sleeps, have the

@@ -34,6 +34,44 @@ pub fn write_message(
     progress: &mut WriteProgress,
 ) -> Result<bool, RingError> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
+    write_from(tx, kind, stream_id, meta_len, total, 0, parts, progress)
+}
+
+/// Resume a message of `total` bytes whose bytes before `base` are already
+/// staged (`progress.sent >= base > 0`), from `rest`, its bytes from `base`
+/// to the end (a copy kept by a writer that could not wait for room).
+///
+/// # Errors
+/// As [`write_message`]; [`RingError::TooLarge`] also when `rest` and
+/// `base` do not add up to `total` or `progress` is outside them.
+pub fn write_message_rest(
+    tx: &mut Producer,
+    kind: FrameKind,
+    stream_id: u64,
+    total: usize,
+    base: usize,
+    rest: &[u8],
+    progress: &mut WriteProgress,
+) -> Result<bool, RingError> {
+    if base == 0 || base + rest.len() != total || !(base..=total).contains(&progress.sent) {
+        return Err(RingError::TooLarge(total));
+    }
+    write_from(tx, kind, stream_id, 0, total, base, &[rest], progress)
+}
+
+/// Stage bytes `progress.sent..total` of a message; `parts` hold its bytes
+/// from `base` on.
+#[allow(clippy::too_many_arguments)]
+fn write_from(
+    tx: &mut Producer,
+    kind: FrameKind,
+    stream_id: u64,
+    meta_len: usize,
+    total: usize,
+    base: usize,
+    parts: &[&[u8]],
+    progress: &mut WriteProgress,
+) -> Result<bool, RingError> {
     if total > u32::MAX as usize || meta_len > total {
         return Err(RingError::TooLarge(total));
     }
@@ -60,7 +98,7 @@ pub fn write_message(
             Err(e) => return Err(e),
         };
         // Gather [sent, sent + chunk) of the concatenated parts.
-        let mut skip = progress.sent;
+        let mut skip = progress.sent - base;
         let mut off = 0;
         for p in parts {
             if off == chunk {
@@ -269,6 +307,72 @@ mod tests {
         }
         assert!(frames > 10, "expected fragmentation, got {frames} frames");
         assert_eq!(got, Some((9, meta, body)));
+    }
+
+    #[test]
+    fn a_message_resumed_from_a_copy_of_its_rest_reassembles() {
+        let (mut tx, mut rx) = heap_ring(8192);
+        let meta = b"service/method".to_vec();
+        let body: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 251) as u8).collect();
+        let whole = [meta.as_slice(), body.as_slice()].concat();
+        let mut prog = WriteProgress { sent: 0 };
+        let first = write_message(
+            &mut tx,
+            FrameKind::Request,
+            3,
+            meta.len(),
+            &[&meta, &body],
+            &mut prog,
+        )
+        .unwrap();
+        assert!(
+            !first && prog.sent > meta.len(),
+            "the ring filled mid-message"
+        );
+        // The writer keeps a copy of the rest and drops the original.
+        let base = prog.sent;
+        let rest = whole[base..].to_vec();
+        for bad in [0, base + 1] {
+            let mut p = prog;
+            let r = write_message_rest(
+                &mut tx,
+                FrameKind::Request,
+                3,
+                whole.len(),
+                bad,
+                &rest,
+                &mut p,
+            );
+            assert!(r.is_err(), "base {bad} does not match the rest");
+        }
+        let mut re = Reassembler::new(1 << 20);
+        let mut got = None;
+        loop {
+            tx.publish();
+            while let Some(f) = rx.peek().unwrap() {
+                let h = *f.header();
+                if let Some(m) = re.feed(&h, f.payload()).unwrap() {
+                    got = Some((m.meta().to_vec(), m.body().to_vec()));
+                }
+                f.release();
+            }
+            rx.publish();
+            if got.is_some() {
+                break;
+            }
+            write_message_rest(
+                &mut tx,
+                FrameKind::Request,
+                3,
+                whole.len(),
+                base,
+                &rest,
+                &mut prog,
+            )
+            .unwrap();
+        }
+        assert_eq!(got, Some((meta, body)));
+        assert_eq!(prog.sent, whole.len());
     }
 
     #[test]

@@ -344,6 +344,82 @@ fn async_call_waiting_for_room_leaves_the_thread_to_other_tasks() {
     });
 }
 
+/// A message larger than the ring, sent by an async call while the proxy
+/// reads nothing from this app (its in-flight limit is taken by calls a
+/// server holds): the rest of the message waits with the connection, not
+/// on the thread — other tasks run and the call's timeout fires on time —
+/// and when the proxy reads again it goes out whole, behind it the call's
+/// Cancel, and the connection serves large and small calls as before.
+#[test]
+fn async_message_larger_than_the_ring_does_not_hold_the_thread() {
+    let p = Proxy::start_with(ProxyOpts {
+        replace: vec![("max_in_flight = 4096".into(), "max_in_flight = 4".into())],
+        ..Default::default()
+    });
+    let _server = Server::bind(Some(&p.socket), "hold").unwrap();
+    let opts = ClientOptions {
+        ring_size: 64 << 10,
+        ..options(&p, Transport::Shm)
+    };
+    let rt = current_thread_rt();
+    rt.block_on(async {
+        let c = meshshm::AsyncClient::connect(opts).await.unwrap();
+        let local = tokio::task::LocalSet::new();
+        local
+            .run_until(async {
+                // The proxy stops reading this app's ring until these end
+                // (it times them out itself, as the client does).
+                let held: Vec<_> = (0..4u64)
+                    .map(|i| {
+                        let c = c.clone();
+                        tokio::task::spawn_local(async move {
+                            c.call("hold", "H", &body(i, 16), Duration::from_millis(1500))
+                                .await
+                        })
+                    })
+                    .collect();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let ticks = std::rc::Rc::new(std::cell::Cell::new(0u32));
+                let ticker = {
+                    let ticks = ticks.clone();
+                    tokio::task::spawn_local(async move {
+                        loop {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            ticks.set(ticks.get() + 1);
+                        }
+                    })
+                };
+                let big = body(7, 1 << 20);
+                let t0 = Instant::now();
+                let r = c.call("echo", "E", &big, Duration::from_millis(300)).await;
+                let took = t0.elapsed();
+                ticker.abort();
+                assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+                assert!(
+                    took < Duration::from_millis(1000),
+                    "a 300 ms timeout fired after {took:?}: the send held the thread"
+                );
+                // 300 ms at one tick per 5 ms: 60 if nothing held the thread.
+                assert!(
+                    ticks.get() >= 20,
+                    "only {} ticks in {took:?}: the send held the thread",
+                    ticks.get()
+                );
+                for h in held {
+                    let r = h.await.unwrap();
+                    assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+                }
+                for i in 0..4u64 {
+                    let b = body(10 + i, (1 << 20) + 12_345 * i as usize);
+                    assert_eq!(c.call("echo", "E", &b, T).await.unwrap(), b);
+                    let b = body(20 + i, 100);
+                    assert_eq!(c.call("echo", "E", &b, T).await.unwrap(), b);
+                }
+            })
+            .await;
+    });
+}
+
 /// The blocking API on an async client's connection, called from inside
 /// the runtime's only thread (which its reader task needs): the caller
 /// reads its answer itself instead of waiting forever for the task.
