@@ -305,8 +305,8 @@ impl ShmLink {
     }
 
     /// The reader task's turn: write what is owed, unless a sender holds
-    /// the send side (it writes what is owed first, or waits for room in
-    /// its own way); true if something is still owed.
+    /// the send side (the reader looks again before it sleeps: see
+    /// [`ShmLink::sleep_begin`]); true if something is still owed.
     pub(crate) fn write_owed_now(&self) -> Result<bool> {
         if self.owing.load(Ordering::SeqCst) == 0 {
             return Ok(false);
@@ -472,8 +472,8 @@ impl ShmLink {
 
     /// Ask the proxy to ring before sleeping (for room as well, with `room`
     /// — a caller waits for it — or when messages are owed); false (nothing
-    /// announced) if a response is already waiting or the link was
-    /// interrupted.
+    /// announced: look again now) if a response is already waiting, the
+    /// link was interrupted, or what is owed could not be looked at.
     pub(crate) fn sleep_begin(&self, rx: &mut RxState, room: bool) -> Result<bool> {
         use meshshm_ring::{WANT_DATA, WANT_ROOM};
         self.waiter.announce_sleep_for(if room {
@@ -487,11 +487,23 @@ impl ShmLink {
             self.waiter.cancel_sleep();
             return Ok(false);
         }
-        // After the announcement: a sender that owes from now on widens it
-        // itself (see `owe`).
+        // After the announcement (a sender that owes from now on widens it
+        // itself, see `owe`), what is owed is written or waits for the
+        // proxy's ring for room. A busy send lock means "look again", not
+        // "its holder will see to it": the holder may have looked for room
+        // already, before the proxy made it (loom model
+        // `doorbell_owed_rest_is_written_or_the_reader_rung`).
         if self.owing.load(Ordering::SeqCst) > 0 {
             self.waiter.widen_sleep(WANT_ROOM);
-            self.write_owed_now()?;
+            match try_lock(&self.tx) {
+                Some(mut tx) => {
+                    self.write_owed(&mut tx)?;
+                }
+                None => {
+                    self.waiter.cancel_sleep();
+                    return Ok(false);
+                }
+            }
         }
         Ok(true)
     }

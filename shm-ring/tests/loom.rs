@@ -339,3 +339,69 @@ fn doorbell_widened_sleep_gets_the_room_ring() {
         proxy.join().unwrap();
     });
 }
+
+/// The client's owed messages (`client-shim/src/shm.rs`: `owe`,
+/// `sleep_begin`, `write_owed_now`): an async sender that found the ring
+/// full mid-message leaves the rest to the connection — under the send
+/// lock it marks something owed, widens a sleeping reader's announcement
+/// to `WANT_ROOM` and looks for room once more. The reader task, about to
+/// sleep, announces `WANT_DATA`, then, if something is owed, widens its own
+/// announcement and writes what is owed if it gets the send lock (a
+/// sender holding it writes it first anyway). The proxy makes room and
+/// rings for room. Whatever the interleaving, the owed bytes are written
+/// or the sleeping reader is rung: never neither.
+#[test]
+fn doorbell_owed_rest_is_written_or_the_reader_rung() {
+    let mut b = loom::model::Builder::new();
+    b.max_branches = 100_000;
+    b.check(|| {
+        let (waiter, notifier) = heap_doorbell(Bell::Futex, 0);
+        let waiter = Arc::new(waiter);
+        let room = Arc::new(AtomicBool::new(false));
+        let owing = Arc::new(AtomicU32::new(0));
+        let tx_lock = Arc::new(loom::sync::Mutex::new(()));
+        let (w2, r2, o2, l2) = (waiter.clone(), room.clone(), owing.clone(), tx_lock.clone());
+        let sender = thread::spawn(move || {
+            let _tx = l2.lock().unwrap();
+            o2.store(1, Ordering::SeqCst);
+            loom::sync::atomic::fence(Ordering::SeqCst);
+            w2.widen_sleep(WANT_ROOM);
+            if r2.load(Ordering::SeqCst) {
+                // Written: the reader need not be woken (the model's end).
+                o2.store(0, Ordering::SeqCst);
+                w2.interrupt();
+            }
+        });
+        let r3 = room.clone();
+        let proxy = thread::spawn(move || {
+            r3.store(true, Ordering::SeqCst);
+            notifier.notify_room();
+        });
+        // The reader task: it sleeps only if it saw nothing owed, or looked
+        // for room itself; a busy send lock means "look again" (after
+        // letting other tasks run), not "the sender will see to it".
+        loop {
+            let token = waiter.announce_sleep_for(WANT_DATA);
+            if owing.load(Ordering::SeqCst) > 0 {
+                waiter.widen_sleep(WANT_ROOM);
+                let Ok(_tx) = tx_lock.try_lock() else {
+                    waiter.cancel_sleep();
+                    thread::yield_now();
+                    continue;
+                };
+                if room.load(Ordering::SeqCst) {
+                    owing.store(0, Ordering::SeqCst);
+                }
+            }
+            if owing.load(Ordering::SeqCst) > 0 {
+                // Still owed: only the proxy's ring (or the sender's write)
+                // ends this sleep.
+                waiter.block(token, None, None).unwrap();
+            }
+            waiter.cancel_sleep();
+            break;
+        }
+        sender.join().unwrap();
+        proxy.join().unwrap();
+    });
+}
