@@ -55,6 +55,27 @@ struct Owed {
     progress: WriteProgress,
 }
 
+impl Owed {
+    /// What is left of `m` once `progress` of it is written (all of it
+    /// when nothing is), copied.
+    fn rest_of(m: Out<'_>, progress: WriteProgress) -> Owed {
+        let base = progress.sent;
+        let skip_meta = base.min(m.meta.len());
+        let mut bytes = Vec::with_capacity(m.len() - base);
+        bytes.extend_from_slice(&m.meta[skip_meta..]);
+        bytes.extend_from_slice(&m.body[base - skip_meta..]);
+        Owed {
+            kind: m.kind,
+            id: m.id,
+            meta_len: m.meta.len(),
+            total: m.len(),
+            base,
+            bytes,
+            progress,
+        }
+    }
+}
+
 /// What a sender that wrote part of a message and found the ring full
 /// does with the rest.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -203,23 +224,7 @@ impl ShmLink {
         }
         match rest {
             Rest::Owe => {
-                let base = progress.sent;
-                let skip_meta = base.min(m.meta.len());
-                let mut bytes = Vec::with_capacity(m.len() - base);
-                bytes.extend_from_slice(&m.meta[skip_meta..]);
-                bytes.extend_from_slice(&m.body[base - skip_meta..]);
-                self.owe(
-                    &mut tx,
-                    Owed {
-                        kind: m.kind,
-                        id: m.id,
-                        meta_len: m.meta.len(),
-                        total: m.len(),
-                        base,
-                        bytes,
-                        progress,
-                    },
-                )?;
+                self.owe(&mut tx, Owed::rest_of(m, progress))?;
                 Ok(true)
             }
             Rest::Wait => {
@@ -238,19 +243,7 @@ impl ShmLink {
             return Ok(());
         }
         let mut tx = self.lock_tx();
-        let bytes = [m.meta, m.body].concat();
-        self.owe(
-            &mut tx,
-            Owed {
-                kind: m.kind,
-                id: m.id,
-                meta_len: m.meta.len(),
-                total: bytes.len(),
-                base: 0,
-                bytes,
-                progress: WriteProgress { sent: 0 },
-            },
-        )
+        self.owe(&mut tx, Owed::rest_of(m, WriteProgress { sent: 0 }))
     }
 
     /// Leave `o` to the connection, then have a sleeping reader woken for

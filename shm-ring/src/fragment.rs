@@ -272,6 +272,24 @@ mod tests {
     use super::*;
     use crate::ring::heap_ring;
 
+    type Got = Option<(u64, Vec<u8>, Vec<u8>)>;
+
+    /// Read every frame published in `rx` into `re` (a whole message into
+    /// `got`), hand the room back; returns the frames read.
+    fn read_all(rx: &mut crate::ring::Consumer, re: &mut Reassembler, got: &mut Got) -> usize {
+        let mut frames = 0;
+        while let Some(f) = rx.peek().unwrap() {
+            frames += 1;
+            let h = *f.header();
+            if let Some(m) = re.feed(&h, f.payload()).unwrap() {
+                *got = Some((m.stream_id, m.meta().to_vec(), m.body().to_vec()));
+            }
+            f.release();
+        }
+        rx.publish();
+        frames
+    }
+
     #[test]
     fn big_message_fragments_and_reassembles() {
         let (mut tx, mut rx) = heap_ring(8192);
@@ -292,15 +310,7 @@ mod tests {
             )
             .unwrap();
             tx.publish();
-            while let Some(f) = rx.peek().unwrap() {
-                frames += 1;
-                let h = *f.header();
-                if let Some(m) = re.feed(&h, f.payload()).unwrap() {
-                    got = Some((m.stream_id, m.meta().to_vec(), m.body().to_vec()));
-                }
-                f.release();
-            }
-            rx.publish();
+            frames += read_all(&mut rx, &mut re, &mut got);
             if done {
                 break;
             }
@@ -349,14 +359,7 @@ mod tests {
         let mut got = None;
         loop {
             tx.publish();
-            while let Some(f) = rx.peek().unwrap() {
-                let h = *f.header();
-                if let Some(m) = re.feed(&h, f.payload()).unwrap() {
-                    got = Some((m.meta().to_vec(), m.body().to_vec()));
-                }
-                f.release();
-            }
-            rx.publish();
+            read_all(&mut rx, &mut re, &mut got);
             if got.is_some() {
                 break;
             }
@@ -371,7 +374,7 @@ mod tests {
             )
             .unwrap();
         }
-        assert_eq!(got, Some((meta, body)));
+        assert_eq!(got, Some((3, meta, body)));
         assert_eq!(prog.sent, whole.len());
     }
 

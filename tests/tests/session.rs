@@ -277,21 +277,39 @@ fn answers_that_wait_for_room_in_small_rings() {
     });
 }
 
+/// A proxy that takes 4 requests at a time from an app, a server app
+/// ("hold") that never answers, and shm options with 64 KiB rings: calls to
+/// "hold" fill the ring and keep it full until they time out.
+fn holding_proxy() -> (Proxy, Server, ClientOptions) {
+    let p = Proxy::start_with(ProxyOpts {
+        replace: vec![("max_in_flight = 4096".into(), "max_in_flight = 4".into())],
+        ..Default::default()
+    });
+    let server = Server::bind(Some(&p.socket), "hold").unwrap();
+    let opts = ClientOptions {
+        ring_size: 64 << 10,
+        ..options(&p, Transport::Shm)
+    };
+    (p, server, opts)
+}
+
+/// A local task that counts a tick every 5 ms while its thread is free.
+fn spawn_ticker(ticks: std::rc::Rc<std::cell::Cell<u32>>) -> tokio::task::JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            ticks.set(ticks.get() + 1);
+        }
+    })
+}
+
 /// An async call whose request waits for room in the ring waits as a
 /// future: the other tasks of its thread go on meanwhile, and the call's
 /// timeout covers the wait. (The proxy takes 4 requests at a time here and
 /// the server app never answers, so the 64 KiB ring stays full.)
 #[test]
 fn async_call_waiting_for_room_leaves_the_thread_to_other_tasks() {
-    let p = Proxy::start_with(ProxyOpts {
-        replace: vec![("max_in_flight = 4096".into(), "max_in_flight = 4".into())],
-        ..Default::default()
-    });
-    let _server = Server::bind(Some(&p.socket), "hold").unwrap();
-    let opts = ClientOptions {
-        ring_size: 64 << 10,
-        ..options(&p, Transport::Shm)
-    };
+    let (_p, _server, opts) = holding_proxy();
     let rt = current_thread_rt();
     rt.block_on(async {
         let c = meshshm::AsyncClient::connect(opts).await.unwrap();
@@ -299,15 +317,7 @@ fn async_call_waiting_for_room_leaves_the_thread_to_other_tasks() {
         let local = tokio::task::LocalSet::new();
         local
             .run_until(async {
-                let ticker = {
-                    let ticks = ticks.clone();
-                    tokio::task::spawn_local(async move {
-                        loop {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            ticks.set(ticks.get() + 1);
-                        }
-                    })
-                };
+                let ticker = spawn_ticker(ticks.clone());
                 let t0 = Instant::now();
                 let calls: Vec<_> = (0..40u64)
                     .map(|i| {
@@ -352,15 +362,7 @@ fn async_call_waiting_for_room_leaves_the_thread_to_other_tasks() {
 /// Cancel, and the connection serves large and small calls as before.
 #[test]
 fn async_message_larger_than_the_ring_does_not_hold_the_thread() {
-    let p = Proxy::start_with(ProxyOpts {
-        replace: vec![("max_in_flight = 4096".into(), "max_in_flight = 4".into())],
-        ..Default::default()
-    });
-    let _server = Server::bind(Some(&p.socket), "hold").unwrap();
-    let opts = ClientOptions {
-        ring_size: 64 << 10,
-        ..options(&p, Transport::Shm)
-    };
+    let (_p, _server, opts) = holding_proxy();
     let rt = current_thread_rt();
     rt.block_on(async {
         let c = meshshm::AsyncClient::connect(opts).await.unwrap();
@@ -380,15 +382,7 @@ fn async_message_larger_than_the_ring_does_not_hold_the_thread() {
                     .collect();
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let ticks = std::rc::Rc::new(std::cell::Cell::new(0u32));
-                let ticker = {
-                    let ticks = ticks.clone();
-                    tokio::task::spawn_local(async move {
-                        loop {
-                            tokio::time::sleep(Duration::from_millis(5)).await;
-                            ticks.set(ticks.get() + 1);
-                        }
-                    })
-                };
+                let ticker = spawn_ticker(ticks.clone());
                 let big = body(7, 1 << 20);
                 let t0 = Instant::now();
                 let r = c.call("echo", "E", &big, Duration::from_millis(300)).await;
