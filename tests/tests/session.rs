@@ -277,6 +277,59 @@ fn answers_that_wait_for_room_in_small_rings() {
     });
 }
 
+/// Async calls of every size through 64 KiB rings, many larger than half
+/// the ring (fragments, whose rest is often left to the connection), a
+/// third of them with timeouts short enough to fire mid-message (their
+/// Cancel is then owed behind the rest): every call that answers gets its
+/// own body, and the session stays whole (a frame out of order would be a
+/// protocol violation and close it), on one thread and on two workers.
+#[test]
+fn fragmented_async_calls_and_their_cancels_keep_the_session_whole() {
+    let p = Proxy::start();
+    let opts = ClientOptions {
+        ring_size: 64 << 10,
+        ..options(&p, Transport::Shm)
+    };
+    let size = |n: u64| 100 + (n as usize * 15_401) % (200 << 10);
+    for rt in [current_thread_rt(), tokio_rt()] {
+        rt.block_on(async {
+            let c = meshshm::AsyncClient::connect(opts.clone()).await.unwrap();
+            let timed_out = Arc::new(AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for i in 0..24u64 {
+                let (c, timed_out) = (c.clone(), timed_out.clone());
+                tasks.push(tokio::task::spawn(async move {
+                    for k in 0..6u64 {
+                        let n = i * 6 + k;
+                        let b = body(n, size(n));
+                        if n % 3 == 0 {
+                            match c.call("echo", "E", &b, Duration::from_micros(300)).await {
+                                Ok(r) => assert!(r == b, "call {n}: wrong body"),
+                                Err(Error::Timeout(_)) => {
+                                    timed_out.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => panic!("call {n}: {e}"),
+                            }
+                        } else {
+                            let r = c.call("echo", "E", &b, T).await.unwrap();
+                            assert!(r == b, "call {n}: wrong body");
+                        }
+                    }
+                }));
+            }
+            join_within(tasks, "fragmented calls").await;
+            assert!(
+                timed_out.load(Ordering::Relaxed) > 0,
+                "no call timed out: the test did not cancel mid-message"
+            );
+            for n in 0..4u64 {
+                let b = body(1000 + n, size(1000 + n) + (100 << 10));
+                assert_eq!(c.call("echo", "E", &b, T).await.unwrap(), b, "after: {n}");
+            }
+        });
+    }
+}
+
 /// A proxy that takes 4 requests at a time from an app, a server app
 /// ("hold") that never answers, and shm options with 64 KiB rings: calls to
 /// "hold" fill the ring and keep it full until they time out.
