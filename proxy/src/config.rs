@@ -120,6 +120,11 @@ pub struct Shm {
     pub spin_us: u64,
     pub max_connections: usize,
     pub max_in_flight: usize,
+    /// Bytes the proxy may hold for one connection (forwarded requests in
+    /// flight and answers waiting to go back) before it stops reading that
+    /// connection's requests until some complete.
+    #[serde(default = "default_max_buffered")]
+    pub max_buffered: usize,
     /// How sessions wait for doorbells: "auto" (io_uring when the kernel
     /// and seccomp allow it, else epoll), "io_uring" or "epoll".
     #[serde(default = "default_waiter")]
@@ -127,6 +132,10 @@ pub struct Shm {
     /// io_uring waiter: shm driver threads (0 = runtime.threads).
     #[serde(default)]
     pub drivers: usize,
+}
+
+fn default_max_buffered() -> usize {
+    64 << 20
 }
 
 fn default_waiter() -> String {
@@ -199,6 +208,9 @@ impl Config {
         pow2(self.shm.max_ring_size, "max_ring_size")?;
         if self.shm.max_message == 0 || self.shm.max_message > u32::MAX as u64 {
             return Err("shm.max_message must be in 1..4 GiB".into());
+        }
+        if self.shm.max_buffered == 0 {
+            return Err("shm.max_buffered must be at least 1 (bytes)".into());
         }
         if !matches!(self.shm.waiter.as_str(), "auto" | "io_uring" | "epoll") {
             return Err(format!(

@@ -33,14 +33,60 @@ pub enum Outcome {
 /// one of a later request that reused its stream id.
 pub type Done = mpsc::UnboundedSender<(u64, tokio::task::Id, Resp)>;
 
-/// The requests of one connection that are in flight upstream.
-pub type InFlight = HashMap<u64, AbortHandle>;
+/// The requests of one connection that are in flight upstream, and the
+/// bytes the proxy holds for them (their metadata and bodies, copied out of
+/// the connection to be forwarded): a session stops reading requests while
+/// they pass `shm.max_buffered`.
+#[derive(Default)]
+pub struct InFlight {
+    calls: HashMap<u64, (AbortHandle, usize)>,
+    bytes: usize,
+}
+
+impl InFlight {
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+
+    /// Bytes of request held for the calls in flight.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn contains(&self, stream_id: u64) -> bool {
+        self.calls.contains_key(&stream_id)
+    }
+
+    fn insert(&mut self, stream_id: u64, h: AbortHandle, bytes: usize) {
+        self.bytes += bytes;
+        if let Some((_, old)) = self.calls.insert(stream_id, (h, bytes)) {
+            self.bytes -= old;
+        }
+    }
+
+    /// Forget a call (cancelled); its task, to abort.
+    pub fn remove(&mut self, stream_id: u64) -> Option<AbortHandle> {
+        let (h, bytes) = self.calls.remove(&stream_id)?;
+        self.bytes -= bytes;
+        Some(h)
+    }
+
+    /// Every call's task (the connection is closing).
+    pub fn drain(&mut self) -> impl Iterator<Item = AbortHandle> + '_ {
+        self.bytes = 0;
+        self.calls.drain().map(|(_, (h, _))| h)
+    }
+}
 
 /// Take a completion: the stream's entry if it still belongs to `task`
 /// (false: the request was cancelled meanwhile; drop the response).
 pub fn complete(inflight: &mut InFlight, stream_id: u64, task: tokio::task::Id) -> bool {
-    if inflight.get(&stream_id).map(|h| h.id()) == Some(task) {
-        inflight.remove(&stream_id);
+    if inflight.calls.get(&stream_id).map(|(h, _)| h.id()) == Some(task) {
+        inflight.remove(stream_id);
         true
     } else {
         false
@@ -73,7 +119,7 @@ pub fn handle_request(
         body,
         arrived: t0,
     } = req;
-    if !inflight.is_empty() && inflight.contains_key(&stream_id) {
+    if !inflight.is_empty() && inflight.contains(stream_id) {
         return Outcome::Reused;
     }
     let m = match RequestMeta::decode(meta) {
@@ -117,13 +163,14 @@ pub fn handle_request(
             let deadline =
                 (m.timeout_ms > 0).then(|| t0 + Duration::from_millis(m.timeout_ms as u64));
             let done = done.clone();
+            let held = meta.len() + body.len();
             let (meta, body) = (meta.to_vec(), body.to_vec());
             let sh = sh.clone();
             let h = tokio::spawn(async move {
                 let r = job.run(sh, meta, body, deadline).await;
                 let _ = done.send((stream_id, tokio::task::id(), r));
             });
-            inflight.insert(stream_id, h.abort_handle());
+            inflight.insert(stream_id, h.abort_handle(), held);
             Outcome::Spawned
         }
     }

@@ -11,7 +11,6 @@
 //! not found 404, resource exhausted 429, unavailable 503, deadline
 //! exceeded 504, anything else 500.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,7 +84,7 @@ struct AbortOnDrop(InFlight);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        for (_, h) in self.0.drain() {
+        for h in self.0.drain() {
             h.abort();
         }
     }
@@ -209,7 +208,7 @@ async fn handle(sh: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Respons
     let mut meta = Vec::with_capacity(64);
     RequestMeta::encode(&mut meta, &service, &method, timeout_ms, priority, &hv);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let mut inflight = AbortOnDrop(HashMap::new());
+    let mut inflight = AbortOnDrop(InFlight::default());
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
     let req = Inbound {
         stream_id: id,
@@ -223,7 +222,8 @@ async fn handle(sh: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Respons
         Outcome::Reused => reply(status::INTERNAL, "stream id reused", Vec::new(), Vec::new()),
         Outcome::Spawned => match done_rx.recv().await {
             Some((_, _, r)) => {
-                inflight.0.clear();
+                // Answered: nothing left to abort.
+                inflight.0 = InFlight::default();
                 from_resp(r)
             }
             None => reply(status::INTERNAL, "request lost", Vec::new(), Vec::new()),

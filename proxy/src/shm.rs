@@ -476,7 +476,7 @@ impl Session {
             stalled: None,
             done_tx,
             done_rx,
-            inflight: HashMap::new(),
+            inflight: InFlight::default(),
             meta_buf: Vec::new(),
             fwd_rx,
             cancel_rx,
@@ -546,6 +546,7 @@ impl Session {
             Role::Client => {
                 self.stalled.is_some()
                     || self.inflight.len() >= self.sh.cfg.shm.max_in_flight
+                    || self.inflight.bytes() + self.out_bytes >= self.sh.cfg.shm.max_buffered
                     || self.backlogged()
             }
             Role::Server => false,
@@ -679,7 +680,7 @@ impl Session {
                     }
                 }
                 (FrameKind::Cancel, _) => {
-                    if let Some(h) = self.inflight.remove(&m.stream_id) {
+                    if let Some(h) = self.inflight.remove(m.stream_id) {
                         h.abort();
                     }
                 }
@@ -903,7 +904,7 @@ impl Session {
         // Aborting a forwarding task cancels its request at the upstream
         // (a server app gets a Cancel frame; a remote proxy too).
         let aborted = self.inflight.len();
-        for (_, h) in self.inflight.drain() {
+        for h in self.inflight.drain() {
             h.abort();
         }
         if aborted > 0 || self.cancelled > 0 {

@@ -1,6 +1,5 @@
 //! The loopback-TCP listener's sessions: the same frames on a socket.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,7 +36,7 @@ pub async fn serve<S>(
     let dec = FrameDecoder::new(max);
     let mut reasm = Reassembler::new(max);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, _, crate::router::Resp)>();
-    let mut inflight: InFlight = HashMap::new();
+    let mut inflight = InFlight::default();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(64 * 1024);
     let mut draining = false;
@@ -47,7 +46,8 @@ pub async fn serve<S>(
         crate::gov::Transport::Tcp,
     );
     let reason: String = 'session: loop {
-        let paused = inflight.len() >= sh.cfg.shm.max_in_flight;
+        let paused = inflight.len() >= sh.cfg.shm.max_in_flight
+            || inflight.bytes() >= sh.cfg.shm.max_buffered;
         tokio::select! {
             res = r.read_buf(&mut buf), if !paused && !draining => match res {
                 Ok(0) => break 'session "peer closed".into(),
@@ -135,7 +135,7 @@ pub async fn serve<S>(
                     }
                 }
                 FrameKind::Cancel => {
-                    if let Some(h) = inflight.remove(&m.stream_id) {
+                    if let Some(h) = inflight.remove(m.stream_id) {
                         h.abort();
                     }
                 }
@@ -165,7 +165,7 @@ pub async fn serve<S>(
             break 'session "shutdown".into();
         }
     };
-    for (_, h) in inflight {
+    for h in inflight.drain() {
         h.abort();
     }
     let identity = identity.as_deref().map(PeerIdentity::name);

@@ -330,6 +330,74 @@ fn fragmented_async_calls_and_their_cancels_keep_the_session_whole() {
     }
 }
 
+/// An app that sends large requests to a service that never answers cannot
+/// make the proxy hold more than `shm.max_buffered` for it: past that the
+/// proxy stops reading its requests (they wait in the app's ring) until
+/// some complete. Here 48 × 1 MiB against a 4 MiB budget: the proxy's
+/// private memory grows by a few MiB, not by 48 (it did before the budget),
+/// another app's calls go through meanwhile, and the held calls time out.
+/// (The rest of the first app's requests then wait their turn in its ring,
+/// behind the held ones: backpressure, as with `shm.max_in_flight`.)
+#[test]
+fn an_app_cannot_make_the_proxy_hold_more_than_max_buffered() {
+    let p = Proxy::start_with(ProxyOpts {
+        replace: vec![(
+            "max_buffered = 67108864".into(),
+            "max_buffered = 4194304".into(),
+        )],
+        ..Default::default()
+    });
+    let _server = Server::bind(Some(&p.socket), "hold").unwrap();
+    // A ring that takes all 48 requests at once: only the budget stops the
+    // proxy from reading them.
+    let opts = ClientOptions {
+        ring_size: 64 << 20,
+        ..options(&p, Transport::Shm)
+    };
+    let anon_kb = |pid: i32| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        st.lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("RssAnon in /proc/PID/status")
+    };
+    let rt = tokio_rt();
+    rt.block_on(async {
+        let c = meshshm::AsyncClient::connect(opts.clone()).await.unwrap();
+        let other = meshshm::AsyncClient::connect(opts).await.unwrap();
+        assert_eq!(c.call("echo", "E", b"warm", T).await.unwrap(), b"warm");
+        assert_eq!(other.call("echo", "E", b"warm", T).await.unwrap(), b"warm");
+        let before = anon_kb(p.pid());
+        let calls: Vec<_> = (0..48u64)
+            .map(|i| {
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let b = body(i, 1 << 20);
+                    c.call("hold", "H", &b, Duration::from_millis(2500)).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let held = anon_kb(p.pid()).saturating_sub(before);
+        println!("proxy RssAnon grew by {held} KiB");
+        for i in 0..4u64 {
+            let b = body(100 + i, 300_000);
+            let r = other
+                .call("echo", "E", &b, Duration::from_millis(500))
+                .await;
+            assert_eq!(r.unwrap(), b, "another app's call {i}");
+        }
+        for t in calls {
+            let r = t.await.unwrap();
+            assert!(matches!(r, Err(Error::Timeout(_))), "{r:?}");
+        }
+        assert!(
+            held < 16 << 10,
+            "the proxy's private memory grew by {held} KiB holding calls nobody answers"
+        );
+    });
+}
+
 /// A proxy that takes 4 requests at a time from an app, a server app
 /// ("hold") that never answers, and shm options with 64 KiB rings: calls to
 /// "hold" fill the ring and keep it full until they time out.
