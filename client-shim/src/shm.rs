@@ -286,8 +286,9 @@ impl ShmLink {
                 )
             };
             let done = done?;
-            producer.publish();
-            self.peer.notify();
+            if producer.publish() {
+                self.peer.notify();
+            }
             if !done {
                 return Ok(false);
             }
