@@ -34,8 +34,8 @@ use meshshm_proto::{
     ResponseMeta, Role, Welcome, MAX_CONTROL, PROTOCOL_VERSION,
 };
 use meshshm_ring::{
-    write_message, Bell, Endpoint, FrameKind, Reassembler, RingError, Segment, SegmentOptions,
-    Side, WriteProgress, FLAG_CONT, FLAG_MORE,
+    next_frame_len, write_message, Bell, Endpoint, FrameKind, Reassembler, RingError, Segment,
+    SegmentOptions, Side, WriteProgress, FLAG_CONT, FLAG_MORE,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, Interest};
@@ -531,6 +531,18 @@ impl Session {
         fits
     }
 
+    /// Answers are queued: is there room for the first one's next frame
+    /// now? (Without this, a session that polls before it sleeps would poll
+    /// its whole `spin_us` for each fragment of a large answer.)
+    fn room_for_out(&mut self) -> bool {
+        let Some(m) = self.out.front() else {
+            return false;
+        };
+        let total = m.meta.len() + m.body.len();
+        let next = next_frame_len(&self.ep.tx, total, m.progress.sent);
+        self.room_again(next)
+    }
+
     /// Too much queued towards the app: stop adding to it.
     fn backlogged(&self) -> bool {
         self.out_bytes > 4 * self.ep.tx.capacity()
@@ -788,6 +800,7 @@ impl Session {
     fn has_work(&mut self) -> bool {
         (!self.paused() && self.ep.rx.has_data().unwrap_or(true))
             || (self.out.is_empty() && self.stalled.is_some_and(|need| self.room_again(need)))
+            || self.room_for_out()
             || !self.done_rx.is_empty()
             || self.cancel_rx.as_ref().is_some_and(|r| !r.is_empty())
             || (self.intake_open() && self.fwd_rx.as_ref().is_some_and(|r| !r.is_empty()))

@@ -37,6 +37,22 @@ pub fn write_message(
     write_from(tx, kind, stream_id, meta_len, total, 0, parts, progress)
 }
 
+/// The payload length of the next frame [`write_message`] writes for a
+/// message of `total` bytes with `sent` of them written (for a writer that
+/// wants to know whether there is room for it: [`Producer::fits_now`]).
+pub fn next_frame_len(tx: &Producer, total: usize, sent: usize) -> usize {
+    let remaining = total.saturating_sub(sent);
+    // A message that fits one frame goes as one (up to the whole ring: the
+    // consumer then reads it in place, with no reassembly). Larger ones go in
+    // fragments of at most half the ring, so that the producer writes one
+    // while the consumer reads the previous.
+    if total <= tx.max_payload() {
+        remaining
+    } else {
+        remaining.min((tx.capacity() / 2).saturating_sub(HEADER_LEN).max(8))
+    }
+}
+
 /// Resume a message of `total` bytes whose bytes before `base` are already
 /// staged (`progress.sent >= base > 0`), from `rest`, its bytes from `base`
 /// to the end (a copy kept by a writer that could not wait for room).
@@ -75,23 +91,13 @@ fn write_from(
     if total > u32::MAX as usize || meta_len > total {
         return Err(RingError::TooLarge(total));
     }
-    // A message that fits one frame goes as one (up to the whole ring: the
-    // consumer then reads it in place, with no reassembly). Larger ones go in
-    // fragments of at most half the ring, so that the producer writes one
-    // while the consumer reads the previous.
-    let single = total <= tx.max_payload();
-    let fragment = (tx.capacity() / 2).saturating_sub(HEADER_LEN).max(8);
     loop {
         let first = progress.sent == 0;
         let remaining = total - progress.sent;
         if !first && remaining == 0 {
             return Ok(true);
         }
-        let chunk = if single {
-            remaining
-        } else {
-            remaining.min(fragment)
-        };
+        let chunk = next_frame_len(tx, total, progress.sent);
         let mut g = match tx.reserve(chunk) {
             Ok(g) => g,
             Err(RingError::Full) => return Ok(false),

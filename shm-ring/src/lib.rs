@@ -50,7 +50,9 @@ pub use doorbell::{
     heap_doorbell, Bell, Notifier, WaitOutcome, Waiter, WakeCell, WANT_ANY, WANT_DATA, WANT_ROOM,
 };
 pub use error::{RingError, SegmentError};
-pub use fragment::{write_message, write_message_rest, Message, Reassembler, WriteProgress};
+pub use fragment::{
+    next_frame_len, write_message, write_message_rest, Message, Reassembler, WriteProgress,
+};
 pub use frame::{
     wire_len, FrameHeader, FrameKind, HeaderError, FLAG_CONT, FLAG_MORE, FRAME_ALIGN, HEADER_LEN,
 };
