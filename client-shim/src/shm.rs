@@ -41,6 +41,8 @@ pub(crate) struct Tx {
     /// order: left by senders that did not wait for room ([`Rest::Owe`],
     /// [`ShmLink::send_or_owe`]).
     owed: VecDeque<Owed>,
+    /// Set when a write published something (see `write_all`).
+    wrote: bool,
 }
 
 /// A message owed to the ring: its bytes from `base` on (a copy).
@@ -177,6 +179,7 @@ impl ShmLink {
             tx: Mutex::new(Tx {
                 producer: tx,
                 owed: VecDeque::new(),
+                wrote: false,
             }),
             rx: Mutex::new(RxState {
                 consumer: rx,
@@ -263,7 +266,11 @@ impl ShmLink {
     /// owed. Every sender calls it first; the reader task calls it each time
     /// it looks at the ring, and asks the proxy to ring for room meanwhile.
     pub(crate) fn write_owed(&self, tx: &mut Tx) -> Result<bool> {
-        let Tx { producer, owed } = tx;
+        let Tx {
+            producer,
+            owed,
+            wrote,
+        } = tx;
         while let Some(o) = owed.front_mut() {
             let done = if o.base == 0 {
                 write_message(
@@ -287,6 +294,7 @@ impl ShmLink {
             };
             let done = done?;
             if producer.publish() {
+                *wrote = true;
                 self.peer.notify();
             }
             if !done {
@@ -329,7 +337,7 @@ impl ShmLink {
             &parts,
             progress,
         )?;
-        tx.producer.publish();
+        tx.wrote |= tx.producer.publish();
         self.peer.notify();
         Ok(done)
     }
@@ -342,18 +350,25 @@ impl ShmLink {
         idle: &mut dyn FnMut(),
         mut step: impl FnMut(&Self, &mut Tx) -> Result<bool>,
     ) -> Result<()> {
-        let mut pause = Duration::from_micros(5);
+        const FIRST_PAUSE: Duration = Duration::from_micros(5);
+        let mut pause = FIRST_PAUSE;
         loop {
+            tx.wrote = false;
             if step(self, tx)? {
                 return Ok(());
+            }
+            // A step that wrote something (a fragment of a large message)
+            // starts the backoff again: the proxy is reading, and the next
+            // room comes as soon as it has read as much.
+            if tx.wrote {
+                pause = FIRST_PAUSE;
             }
             // The ring is full: the proxy frees room as it reads, and it may
             // be waiting for us to read its answers first.
             idle();
-            // Short
-            // pauses sleep (poll() would round them up to 1 ms) and then check
-            // the control socket; long ones sleep on it, so that the proxy's
-            // death ends the wait either way.
+            // Short pauses sleep (poll() would round them up to 1 ms) and then
+            // check the control socket; long ones sleep on it, so that the
+            // proxy's death ends the wait either way.
             let gone = if pause < Duration::from_millis(1) {
                 std::thread::sleep(pause);
                 readable_now(&self.ctl)
