@@ -89,10 +89,10 @@ pub(crate) trait Link: Send + Sync + 'static {
         self.send(m, &mut || {})
     }
     /// The reader task's turn to write what senders left to the connection
-    /// ([`Rest::Owe`]); true if some is still waiting for room.
+    /// ([`Rest::Owe`]), as far as there is room.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    fn write_owed(&self) -> Result<bool> {
-        Ok(false)
+    fn write_owed(&self) -> Result<()> {
+        Ok(())
     }
     /// A caller waits for room: make sure the reader, if it sleeps, is woken
     /// when room is made.
@@ -152,7 +152,7 @@ impl Link for ShmLink {
     fn send_or_owe(&self, m: Out<'_>) -> Result<()> {
         ShmLink::send_or_owe(self, m)
     }
-    fn write_owed(&self) -> Result<bool> {
+    fn write_owed(&self) -> Result<()> {
         ShmLink::write_owed_now(self)
     }
     fn want_room(&self) {

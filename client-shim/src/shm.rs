@@ -293,10 +293,7 @@ impl ShmLink {
                 )
             };
             let done = done?;
-            if producer.publish() {
-                *wrote = true;
-                self.peer.notify();
-            }
+            self.publish(producer, wrote);
             if !done {
                 return Ok(false);
             }
@@ -306,17 +303,16 @@ impl ShmLink {
         Ok(true)
     }
 
-    /// The reader task's turn: write what is owed, unless a sender holds
-    /// the send side (the reader looks again before it sleeps: see
-    /// [`ShmLink::sleep_begin`]); true if something is still owed.
-    pub(crate) fn write_owed_now(&self) -> Result<bool> {
-        if self.owing.load(Ordering::SeqCst) == 0 {
-            return Ok(false);
+    /// The reader task's turn: write what is owed as far as there is room,
+    /// unless a sender holds the send side (the reader looks again before
+    /// it sleeps: see [`ShmLink::sleep_begin`]).
+    pub(crate) fn write_owed_now(&self) -> Result<()> {
+        if self.owing.load(Ordering::SeqCst) > 0 {
+            if let Some(mut tx) = try_lock(&self.tx) {
+                self.write_owed(&mut tx)?;
+            }
         }
-        match try_lock(&self.tx) {
-            Some(mut tx) => Ok(!self.write_owed(&mut tx)?),
-            None => Ok(false),
-        }
+        Ok(())
     }
 
     fn lock_tx(&self) -> MutexGuard<'_, Tx> {
@@ -337,9 +333,17 @@ impl ShmLink {
             &parts,
             progress,
         )?;
-        tx.wrote |= tx.producer.publish();
-        self.peer.notify();
+        self.publish(&mut tx.producer, &mut tx.wrote);
         Ok(done)
+    }
+
+    /// Publish what was written (a pad to the end of the ring included) and
+    /// ring the proxy if it sleeps; note in `wrote` that something went.
+    fn publish(&self, producer: &mut Producer, wrote: &mut bool) {
+        if producer.publish() {
+            *wrote = true;
+            self.peer.notify();
+        }
     }
 
     /// Repeat `step` (a write that returns true when done), waiting for room
