@@ -110,7 +110,14 @@ impl ShmLink {
     /// Connect to the proxy's control socket and set up the session.
     pub(crate) fn connect(path: &Path, o: &HelloOpts<'_>) -> Result<ShmLink> {
         let target = path.display();
-        let mut ctl = UnixStream::connect(path).map_err(|e| Error::connect(&target, e))?;
+        // (A signal may interrupt a connect that waits for the listener's
+        // backlog: a Unix socket is then not connected, try again.)
+        let mut ctl = loop {
+            match UnixStream::connect(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r.map_err(|e| Error::connect(&target, e))?,
+            }
+        };
         ctl.set_read_timeout(Some(o.timeout))
             .and_then(|_| ctl.set_write_timeout(Some(o.timeout)))
             .map_err(|e| Error::connect(&target, e))?;
