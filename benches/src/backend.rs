@@ -346,6 +346,17 @@ impl Backend {
         Ok(out)
     }
 
+    /// A pipeline of its own, for a proxy transport (`None` for the
+    /// references).
+    pub fn pipeline(&self) -> Result<Option<meshshm::Pipeline>, String> {
+        if !matches!(self.kind, Kind::Proxy { .. }) {
+            return Ok(None);
+        }
+        meshshm::Pipeline::connect(&self.shim_options())
+            .map(Some)
+            .map_err(|e| format!("pipeline: {e}"))
+    }
+
     /// A connection for many requests in flight (tokio tasks).
     pub async fn async_conn(&self) -> Result<AsyncConn, String> {
         Ok(match &self.kind {

@@ -12,7 +12,7 @@ use crate::backend::{Backend, Setup, Spin, Transport};
 use crate::procs::{self, Pin, TempDir, Watchdog};
 use crate::report::{self, Key, Results, Round};
 use crate::units::{fmt_num, fmt_size, parse_size};
-use crate::work::{self, Mode, Plan};
+use crate::work::{self, ManyClient, Mode, Plan};
 
 /// Measure meshshm (shared memory through the proxy, spinning and
 /// blocking) against loopback TCP through the proxy, a plain Unix-socket
@@ -101,6 +101,11 @@ pub struct Args {
     /// (shm sessions; proxy transports only), instead of one.
     #[arg(long, default_value_t = 1)]
     sessions: usize,
+    /// Many in flight through the proxy: the client API that makes the
+    /// calls (`pipeline`: one thread, replies lent in place; `async`: a
+    /// tokio task per call). Both over shm and TCP alike.
+    #[arg(long, value_enum, default_value_t = ManyClient::Pipeline)]
+    many_client: ManyClient,
     /// No progress line on stderr.
     #[arg(long)]
     no_progress: bool,
@@ -204,6 +209,7 @@ fn cells(a: &Args) -> Result<(Vec<Transport>, Vec<Cell>), String> {
                     warmup,
                     rate: a.rate,
                     sessions: a.sessions,
+                    many_client: a.many_client,
                 },
             });
         }

@@ -27,6 +27,8 @@ pub struct Round {
     pub background_cores: f64,
     /// placement of client and server
     pub pin: &'static str,
+    /// the client API that made the calls (see [`Sample::client`])
+    pub client: &'static str,
 }
 
 impl Round {
@@ -47,6 +49,7 @@ impl Round {
             proxy_cpu_us_per_req: s.server_cpu.as_secs_f64() * 1e6 / n,
             background_cores: s.other_cpu.as_secs_f64() / secs,
             pin,
+            client: s.client,
         }
     }
 
@@ -72,6 +75,10 @@ pub struct Record {
     pub mode: &'static str,
     /// placement of client and server: none, same or split (see --pin)
     pub pin: &'static str,
+    /// the client API that made the calls: `blocking` (one in flight),
+    /// `pipeline` or `async` (many in flight through the proxy, see
+    /// --many-client), `mux` (many in flight, the references)
+    pub client: &'static str,
     /// request (and response) body bytes
     pub size: usize,
     /// requests in flight (closed loop), or at most in flight (open loop)
@@ -179,6 +186,7 @@ impl Results {
                 transport: k.transport.name(),
                 mode: k.mode.name(),
                 pin: rounds.first().map_or("none", |(_, r)| r.pin),
+                client: rounds.first().map_or("", |(_, r)| r.client),
                 size: k.size,
                 concurrency: k.concurrency,
                 rate: (k.mode == Mode::Open).then_some(self.rate),
@@ -215,12 +223,13 @@ pub fn table(recs: &[Record]) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
-        "{:<17}{:>7}{:>8}{:>5}{:>6}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>6}",
+        "{:<17}{:>7}{:>8}{:>5}{:>6}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>6}",
         "transport",
         "mode",
         "size",
         "c",
         "pin",
+        "client",
         "p50 µs",
         "p99 µs",
         "p99.9 µs",
@@ -246,12 +255,13 @@ pub fn table(recs: &[Record]) -> String {
         last = Some(group);
         let _ = write!(
             s,
-            "{:<17}{:>7}{:>8}{:>5}{:>6}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>6}",
+            "{:<17}{:>7}{:>8}{:>5}{:>6}{:>9}{:>10}{:>10}{:>10}{:>10}{:>10}{:>9}{:>9}{:>9}{:>9}{:>9}{:>6}",
             r.transport,
             r.mode,
             fmt_size(r.size),
             r.concurrency,
             r.pin,
+            r.client,
             fmt_num(r.p50_us),
             fmt_num(r.p99_us),
             fmt_num(r.p999_us),
@@ -287,6 +297,7 @@ pub fn table(recs: &[Record]) -> String {
          (the proxy; the echo server or ring child for uds/ring-floor*).\n\
          p50/tcp, cpu/tcp: lower is better; rps/tcp: higher is better; same cell, same round.\n\
          pin: split = client and server on two CPUs, same = on one, none = the scheduler's choice.\n\
+         client: the API that made the calls (blocking: one in flight; pipeline or async: many, through the proxy, see --many-client; mux: many, the references).\n\
          bg: cores busy with other processes meanwhile (! above 0.2: the cell was disturbed).\n",
     );
     s

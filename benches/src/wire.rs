@@ -61,7 +61,7 @@ impl Body {
         &self.buf
     }
 
-    #[cfg(test)]
+    /// The bytes [`Body::next`] returned last.
     pub fn current(&self) -> &[u8] {
         &self.buf
     }

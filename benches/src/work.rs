@@ -11,6 +11,7 @@
 //! (so the load generator's own timer slop is not charged).
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,18 @@ pub struct Plan {
     pub warmup: Duration,
     /// open loop: requests per second (all tasks together)
     pub rate: f64,
+    /// many in flight through the proxy: which client API makes the calls
+    pub many_client: ManyClient,
+}
+
+/// The client API that keeps many calls in flight through the proxy (the
+/// references always use their own `crate::mux`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ManyClient {
+    /// `meshshm::Pipeline`: one thread sends and takes replies in place
+    Pipeline,
+    /// `meshshm::AsyncClient`: a tokio task per call in flight
+    Async,
 }
 
 /// What one cell measured.
@@ -65,6 +78,8 @@ pub struct Sample {
     pub server_cpu: Duration,
     /// CPU the rest of the machine used meanwhile (other processes: noise)
     pub other_cpu: Duration,
+    /// the client API that made the calls: blocking, pipeline, async, mux
+    pub client: &'static str,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -103,10 +118,11 @@ fn mark_end(pid: i32) -> Mark {
     }
 }
 
-fn sample(hist: Histogram<u64>, requests: u64, a: &Mark, b: &Mark) -> Sample {
+fn sample(client: &'static str, hist: Histogram<u64>, requests: u64, a: &Mark, b: &Mark) -> Sample {
     let client_cpu = b.client.saturating_sub(a.client);
     let server_cpu = cpu::used(&a.server, &b.server);
     Sample {
+        client,
         hist,
         requests,
         elapsed: b.at - a.at,
@@ -125,6 +141,11 @@ pub fn run(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         match plan.mode {
             Mode::Closed => closed_one(backend, plan),
             Mode::Open => open_one(backend, plan),
+        }
+    } else if plan.many_client == ManyClient::Pipeline && plan.sessions <= 1 {
+        match backend.pipeline()? {
+            Some(p) => pipelined(backend, plan, p),
+            None => many(backend, plan),
         }
     } else {
         many(backend, plan)
@@ -159,7 +180,7 @@ fn closed_one(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         }
     }
     let b = mark_end(backend.pid());
-    Ok(sample(hist, n, &a, &b))
+    Ok(sample("blocking", hist, n, &a, &b))
 }
 
 fn open_one(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
@@ -203,7 +224,13 @@ fn open_one(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         }
     }
     let b = mark_end(backend.pid());
-    Ok(sample(hist, n, a.as_ref().expect("measured"), &b))
+    Ok(sample(
+        "blocking",
+        hist,
+        n,
+        a.as_ref().expect("measured"),
+        &b,
+    ))
 }
 
 const WARMUP: u8 = 0;
@@ -313,11 +340,151 @@ fn many(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
         for t in tasks {
             let _ = t.await;
         }
-        drop(conns);
         if let Some(e) = st.error.borrow_mut().take() {
             return Err(e);
         }
         let hist = st.hist.replace(new_hist());
-        Ok(sample(hist, st.count.get(), &a, &b))
+        let client = match conns.first() {
+            Some(crate::backend::AsyncConn::Shim(_)) => "async",
+            _ => "mux",
+        };
+        drop(conns);
+        Ok(sample(client, hist, st.count.get(), &a, &b))
     })
+}
+
+/// Many in flight through one [`meshshm::Pipeline`], from this thread: each
+/// of the `concurrency` slots has one call outstanding (closed loop) or
+/// sends on its schedule (open loop, as the tasks of [`many`] do).
+fn pipelined(backend: &Backend, plan: &Plan, mut p: meshshm::Pipeline) -> Result<Sample, String> {
+    struct Slot {
+        body: Body,
+        /// when the call in flight counts from
+        from: Instant,
+        /// open loop: calls sent so far, and when the last one's answer came
+        k: u32,
+        prev_done: Instant,
+    }
+    let c = plan.concurrency;
+    let t0 = Instant::now();
+    let mut slots: Vec<Slot> = (0..c)
+        .map(|i| Slot {
+            body: Body::new(plan.size, i as u64 + 1),
+            from: t0,
+            k: 0,
+            prev_done: t0,
+        })
+        .collect();
+    // Open loop: slot i sends at t0 + every × (k + i / c).
+    let every = Duration::from_secs_f64(c as f64 / plan.rate.max(1e-3));
+    let sched = |i: usize, k: u32| t0 + every.mul_f64(i as f64 / c as f64) + every * k;
+    let open = plan.mode == Mode::Open;
+    let mut idle: Vec<usize> = (0..c).rev().collect();
+    let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(2 * c);
+    let mut hist = new_hist();
+    let mut n = 0u64;
+    let mut a: Option<Mark> = None;
+    let mut error: Option<String> = None;
+    let measure_from = t0 + plan.warmup;
+    loop {
+        let now = Instant::now();
+        if a.is_none() && now >= measure_from {
+            a = Some(mark_start(backend.pid()));
+        }
+        let stop = match (&a, plan.count) {
+            (Some(_), Some(cnt)) => n >= cnt,
+            (Some(m), None) => now >= m.at + plan.duration,
+            (None, _) => false,
+        };
+        if stop || error.is_some() {
+            break;
+        }
+        // Send what is due, as far as the ring takes it.
+        let mut next_due: Option<Instant> = None;
+        let mut i = 0;
+        while i < idle.len() {
+            let s = idle[i];
+            let from = if open {
+                let due = sched(s, slots[s].k);
+                if due > now {
+                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
+                    i += 1;
+                    continue;
+                }
+                if slots[s].prev_done > due {
+                    due
+                } else {
+                    now
+                }
+            } else {
+                now
+            };
+            let slot = &mut slots[s];
+            let call =
+                meshshm::Call::new(crate::wire::SERVICE, crate::wire::METHOD, slot.body.next());
+            match p.send(&call).map_err(|e| e.to_string())? {
+                Some(id) => {
+                    slot.from = from;
+                    slot.k += 1;
+                    by_id.insert(id, s);
+                    idle.swap_remove(i);
+                }
+                None => break,
+            }
+        }
+        // Take the answers; wait for the first until the next send is due.
+        let timeout = match next_due {
+            Some(d) if p.in_flight() == 0 || open => {
+                Some(d.saturating_duration_since(Instant::now()))
+            }
+            _ if p.in_flight() == 0 => Some(Duration::ZERO),
+            _ => Some(Duration::from_secs(30)),
+        };
+        let mut done: Option<Instant> = None;
+        let measuring = a.is_some();
+        let got = p
+            .poll(timeout, |r| {
+                let Some(s) = by_id.remove(&r.id) else {
+                    error.get_or_insert_with(|| format!("a reply for an unknown call {}", r.id));
+                    return;
+                };
+                let slot = &mut slots[s];
+                let at = *done.get_or_insert_with(Instant::now);
+                slot.prev_done = at;
+                idle.push(s);
+                if r.status != meshshm::status::OK {
+                    error.get_or_insert_with(|| format!("status {}: {}", r.status, r.message));
+                    return;
+                }
+                if let Err(e) = crate::wire::check_echo(r.body, slot.body.current()) {
+                    error.get_or_insert(e);
+                    return;
+                }
+                if measuring {
+                    hist.saturating_record((at - slot.from).as_nanos() as u64);
+                    n += 1;
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        if got == 0 && timeout == Some(Duration::from_secs(30)) {
+            return Err("pipeline: no answer in 30 s".into());
+        }
+    }
+    let b = mark_end(backend.pid());
+    if let Some(e) = error {
+        return Err(e);
+    }
+    // Let the calls still in flight finish before the connection closes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.in_flight() > 0 && Instant::now() < deadline {
+        p.poll(Some(Duration::from_millis(100)), |_| {})
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(sample(
+        "pipeline",
+        hist,
+        n,
+        a.as_ref().expect("measured"),
+        &b,
+    ))
 }

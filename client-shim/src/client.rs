@@ -228,41 +228,59 @@ impl Client {
     }
 
     fn open(&self) -> Result<Arc<dyn AnyConn>> {
-        let o = &self.inner.opts;
-        let rt = self.inner.reader_thread;
-        match &o.transport {
-            Transport::Tcp(addr) => tcp_conn(*addr, o, rt),
-            Transport::Shm => {
-                let path = o.socket.clone().unwrap_or_else(default_socket_path);
-                let hello = HelloOpts {
-                    role: Role::Client,
-                    service: &o.service,
-                    token: &o.token,
-                    ring_size: o.ring_size,
-                    spin: o.spin,
-                    timeout: o.connect_timeout,
-                };
-                match ShmLink::connect(&path, &hello) {
-                    Ok(link) => {
-                        tracing::debug!(
-                            session = link.welcome.session_id,
-                            "meshshm shm session up"
-                        );
-                        let c = Conn::new(link);
-                        if rt {
-                            c.start_reader();
-                        }
-                        Ok(c)
+        let reader = self.inner.reader_thread;
+        Ok(match connect_link(&self.inner.opts)? {
+            Linked::Shm(link) => {
+                tracing::debug!(session = link.welcome.session_id, "meshshm shm session up");
+                with_reader(Conn::new(link), reader)
+            }
+            Linked::Tcp(link) => with_reader(Conn::new(link), reader),
+        })
+    }
+}
+
+fn with_reader<L: crate::conn::Link>(c: Arc<Conn<L>>, reader: bool) -> Arc<dyn AnyConn> {
+    if reader {
+        c.start_reader();
+    }
+    c
+}
+
+/// A connection's transport, set up and not yet given its call protocol.
+// (Lives only from the handshake to its owner, once per connection: not
+// worth a box.)
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Linked {
+    Shm(ShmLink),
+    Tcp(TcpLink),
+}
+
+/// Set up the transport `o` asks for: shm through the control socket (or
+/// loopback TCP to the fallback when shm cannot be set up and one is
+/// given), or TCP.
+pub(crate) fn connect_link(o: &ClientOptions) -> Result<Linked> {
+    match &o.transport {
+        Transport::Tcp(addr) => tcp_link(*addr, o),
+        Transport::Shm => {
+            let path = o.socket.clone().unwrap_or_else(default_socket_path);
+            let hello = HelloOpts {
+                role: Role::Client,
+                service: &o.service,
+                token: &o.token,
+                ring_size: o.ring_size,
+                spin: o.spin,
+                timeout: o.connect_timeout,
+            };
+            match ShmLink::connect(&path, &hello) {
+                Ok(link) => Ok(Linked::Shm(link)),
+                Err(Error::Rejected(r)) => Err(Error::Rejected(r)),
+                Err(e) => match o.tcp_fallback {
+                    Some(addr) => {
+                        tracing::warn!(error = %e, %addr, "shared memory unavailable; falling back to loopback TCP");
+                        tcp_link(addr, o)
                     }
-                    Err(Error::Rejected(r)) => Err(Error::Rejected(r)),
-                    Err(e) => match o.tcp_fallback {
-                        Some(addr) => {
-                            tracing::warn!(error = %e, %addr, "shared memory unavailable; falling back to loopback TCP");
-                            tcp_conn(addr, o, rt)
-                        }
-                        None => Err(e),
-                    },
-                }
+                    None => Err(e),
+                },
             }
         }
     }
@@ -279,12 +297,8 @@ pub(crate) fn deadline_as_timeout(r: Result<Vec<u8>>, timeout: Duration) -> Resu
     }
 }
 
-fn tcp_conn(addr: SocketAddr, o: &ClientOptions, reader_thread: bool) -> Result<Arc<dyn AnyConn>> {
-    let c = Conn::new(TcpLink::connect(addr, o.connect_timeout, TCP_MAX_MESSAGE)?);
-    if reader_thread {
-        c.start_reader();
-    }
-    Ok(c)
+fn tcp_link(addr: SocketAddr, o: &ClientOptions) -> Result<Linked> {
+    TcpLink::connect(addr, o.connect_timeout, TCP_MAX_MESSAGE).map(Linked::Tcp)
 }
 
 impl Call<'_> {

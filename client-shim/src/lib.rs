@@ -23,6 +23,7 @@ mod client;
 mod conn;
 mod core;
 mod error;
+mod pipeline;
 #[cfg(feature = "tokio")]
 mod room;
 mod server;
@@ -34,6 +35,7 @@ pub use asynch::AsyncClient;
 pub use client::{Client, ClientOptions, Transport};
 pub use error::{Error, Result};
 pub use meshshm_proto::{default_socket_path, status};
+pub use pipeline::{Pipeline, Reply};
 pub use server::{Request, Server};
 
 use std::time::Duration;
