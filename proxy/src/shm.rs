@@ -46,6 +46,11 @@ use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
 use crate::router::{Forward, LocalTx, Resp};
 use crate::Shared;
 
+/// Echo answers of one pass are published (and the app rung if it sleeps)
+/// each time this many bytes of them wait unpublished (see
+/// `Session::read_incoming`).
+const PUBLISH_EVERY: usize = 16 << 10;
+
 /// Choose how shm sessions wait (`shm.waiter`) and start the driver
 /// threads if io_uring: `Ok(None)` = epoll (tokio tasks). `auto` falls back
 /// to epoll with one log line saying why; a forced `io_uring` that the
@@ -571,6 +576,11 @@ impl Session {
     }
 
     /// Read and handle what the app published. Returns frames consumed.
+    ///
+    /// (`PUBLISH_EVERY`: 1 KiB, 128 in flight through a `Pipeline`, 2
+    /// rounds: publishing only at the end of the pass, shm-block 806–872k
+    /// req/s; every 16 KiB 2.60–2.84M; every answer 2.14–2.22M; every 64 KiB
+    /// 1.50M. Spinning: 2.1–2.2M, 2.9–3.3M, 1.5–1.6M, 3.1–3.3M.)
     fn read_incoming(&mut self) -> Result<usize, String> {
         let mut n = 0;
         let mut arrived = None;
@@ -644,9 +654,12 @@ impl Session {
                             // the app rung if it sleeps) at once: the app's
                             // wake-up, which takes longer than the rest of
                             // the pass here, overlaps it (1 KiB, 16 in
-                            // flight: +6..18% req/s); the others go at the
-                            // end of the pass.
-                            if done && !rang {
+                            // flight: +6..18% req/s). The others go each
+                            // time PUBLISH_EVERY bytes of them wait, so that
+                            // an app that keeps sending reads answers while
+                            // the pass goes on, instead of waiting for its
+                            // end (and sleeping meanwhile).
+                            if done && (!rang || self.ep.tx.unpublished() >= PUBLISH_EVERY) {
                                 rang = true;
                                 if self.ep.tx.publish() {
                                     self.ep.peer.notify();
