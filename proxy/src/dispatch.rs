@@ -9,7 +9,7 @@ use tokio::task::AbortHandle;
 
 use std::sync::Arc;
 
-use crate::gov::{Decision, Peer};
+use crate::gov::{Decision, Peer, Tally};
 use crate::router::Resp;
 use crate::Shared;
 
@@ -106,8 +106,11 @@ pub struct Inbound<'a> {
 
 /// Route one request: the `[access.call]` uid rules, then governance
 /// (access rules, attribute routing, overload; crate::gov), then the route.
+/// Its metrics are partly counted in `tally`: the caller adds them to the
+/// shared ones (`Governor::flush`) before its answers go out.
 pub fn handle_request(
     sh: &Arc<Shared>,
+    tally: &mut Tally,
     peer: &Peer,
     req: Inbound<'_>,
     done: &Done,
@@ -149,7 +152,7 @@ pub fn handle_request(
         return Outcome::Reply(r);
     } else {
         sh.gov.decide(
-            &sh.router, peer, m.service, m.method, m.priority, m.headers, t0,
+            tally, &sh.router, peer, m.service, m.method, m.priority, m.headers, t0,
         )
     };
     match decision {

@@ -379,6 +379,47 @@ fn parse_dest(s: &str, c: &Config) -> Result<DestSpec, String> {
 
 // ---------------------------------------------------------------- peers
 
+/// What one session counts of its requests (and of the echo answers it
+/// writes itself), added to the shared metrics in one go by
+/// [`Governor::flush`], which the session calls before its answers go out.
+/// A shared counter's update is a locked instruction, and on x86 that also
+/// waits for every store before it to leave the core — here, the copies of
+/// the answers just written into the app's ring. (1 KiB, 128 in flight:
+/// four such updates per echo answer were ~9% of the proxy's CPU.)
+#[derive(Default)]
+pub struct Tally {
+    svc: Option<(Arc<SvcState>, Transport)>,
+    requests: u64,
+    ok: u64,
+    latency: crate::metrics::LocalHist,
+}
+
+impl Tally {
+    /// Count for `st` on `tr` from now on (what was counted for another
+    /// service goes to the shared metrics first).
+    fn to(&mut self, m: &Metrics, st: &Arc<SvcState>, tr: Transport) {
+        match &self.svc {
+            Some((s, t)) if Arc::ptr_eq(s, st) && *t == tr => {}
+            _ => {
+                self.flush(m);
+                self.svc = Some((st.clone(), tr));
+            }
+        }
+    }
+
+    fn flush(&mut self, m: &Metrics) {
+        let Some((st, tr)) = &self.svc else { return };
+        let pt = &st.t[*tr as usize];
+        if self.requests > 0 {
+            pt.requests.inc_by(std::mem::take(&mut self.requests));
+        }
+        if self.ok > 0 {
+            st.count_statuses(m, *tr, status::OK, std::mem::take(&mut self.ok));
+        }
+        self.latency.flush_into(&pt.latency);
+    }
+}
+
 /// The transport a session came on (a metrics label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
@@ -497,6 +538,10 @@ impl SvcState {
     }
 
     fn count_status(&self, m: &Metrics, tr: Transport, code: u32) {
+        self.count_statuses(m, tr, code, 1);
+    }
+
+    fn count_statuses(&self, m: &Metrics, tr: Transport, code: u32, n: u64) {
         let i = (code as usize).min(16);
         self.t[tr as usize].status[i]
             .get(&m.responses, || {
@@ -506,7 +551,7 @@ impl SvcState {
                     ("status", status::name(code).replace(' ', "_")),
                 ]
             })
-            .inc();
+            .inc_by(n);
     }
 
     /// Count a request dropped unserved from the queue (0: deadline, 1: cancelled).
@@ -1214,6 +1259,7 @@ impl Governor {
     #[allow(clippy::too_many_arguments)]
     pub fn decide(
         &self,
+        tally: &mut Tally,
         router: &Router,
         peer: &Peer,
         service: &str,
@@ -1231,7 +1277,8 @@ impl Governor {
                 &owned
             }
         };
-        st.t[peer.transport as usize].requests.inc();
+        tally.to(&self.metrics, st, peer.transport);
+        tally.requests += 1;
         let pol_guard = st.policy.load();
         let pol: Option<&Policy> = pol_guard.as_deref();
         let m = &self.metrics;
@@ -1313,8 +1360,8 @@ impl Governor {
                 // Answered inline by the session: its latency is the time
                 // to decide, like a forwarded request's is the time to the
                 // upstream's answer.
-                st.t[peer.transport as usize].latency.observe(t0.elapsed());
-                st.count_status(m, peer.transport, status::OK);
+                tally.latency.observe(t0.elapsed());
+                tally.ok += 1;
                 return Decision::Echo;
             }
             Route::NotFound if ep.is_none() => {
@@ -1373,6 +1420,11 @@ impl Governor {
             _guard: guard,
         };
         Decision::Forward(job)
+    }
+
+    /// Add what `tally` counted to the shared metrics.
+    pub fn flush(&self, tally: &mut Tally) {
+        tally.flush(&self.metrics);
     }
 
     /// Count a response decided outside governance (errors of the dispatcher).

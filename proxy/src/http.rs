@@ -25,7 +25,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::dispatch::{handle_request, InFlight, Inbound, Outcome};
-use crate::gov::{Peer, Transport};
+use crate::gov::{Peer, Tally, Transport};
 use crate::router::Resp;
 use crate::Shared;
 
@@ -216,7 +216,10 @@ async fn handle(sh: Arc<Shared>, peer: &Peer, req: Request<Incoming>) -> Respons
         body: &body,
         arrived: Instant::now(),
     };
-    match handle_request(&sh, peer, req, &done_tx, &mut inflight.0) {
+    let mut tally = Tally::default();
+    let outcome = handle_request(&sh, &mut tally, peer, req, &done_tx, &mut inflight.0);
+    sh.gov.flush(&mut tally);
+    match outcome {
         Outcome::Echo => reply(status::OK, "", Vec::new(), body.to_vec()),
         Outcome::Reply(r) => from_resp(r),
         Outcome::Reused => reply(status::INTERNAL, "stream id reused", Vec::new(), Vec::new()),

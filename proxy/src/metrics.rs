@@ -48,6 +48,16 @@ impl<const N: usize> Buckets<N> {
         self.sum_nano.fetch_add((v * 1e9) as u64, Ordering::Relaxed);
     }
 
+    /// Add observations counted elsewhere ([`LocalHist`]).
+    fn add(&self, counts: &[u64; N], sum_nano: u64) {
+        for (c, &n) in self.counts.iter().zip(counts) {
+            if n > 0 {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.sum_nano.fetch_add(sum_nano, Ordering::Relaxed);
+    }
+
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         // Per-bucket counts: the encoder makes them cumulative.
         let mut total = 0;
@@ -80,6 +90,37 @@ impl Default for Hist {
 impl Hist {
     pub fn observe(&self, d: Duration) {
         self.0.observe(d.as_secs_f64());
+    }
+}
+
+/// Latency observations made by one thread, added to a [`Hist`] in one go
+/// ([`LocalHist::flush_into`]): plain counts instead of two locked
+/// instructions per observation.
+#[derive(Debug, Default)]
+pub struct LocalHist {
+    counts: [u64; LATENCY_BOUNDS.len() + 1],
+    sum_nano: u64,
+    any: bool,
+}
+
+impl LocalHist {
+    pub fn observe(&mut self, d: Duration) {
+        let v = d.as_secs_f64();
+        let i = LATENCY_BOUNDS
+            .iter()
+            .position(|&b| v <= b)
+            .unwrap_or(LATENCY_BOUNDS.len());
+        self.counts[i] += 1;
+        self.sum_nano += (v * 1e9) as u64;
+        self.any = true;
+    }
+
+    /// Add what was observed to `h`, and start again from nothing.
+    pub fn flush_into(&mut self, h: &Hist) {
+        if std::mem::take(&mut self.any) {
+            h.0.add(&self.counts, self.sum_nano);
+            *self = LocalHist::default();
+        }
     }
 }
 

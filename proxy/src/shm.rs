@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
 use crate::router::{Forward, LocalTx, Resp};
+use crate::gov::Tally;
 use crate::Shared;
 
 /// Echo answers of one pass are published (and the app rung if it sleeps)
@@ -423,6 +424,13 @@ struct OutMsg {
     progress: WriteProgress,
 }
 
+impl Drop for Session {
+    fn drop(&mut self) {
+        // What a session that ended mid-pass counted.
+        self.sh.gov.flush(&mut self.tally);
+    }
+}
+
 struct Session {
     sh: Arc<Shared>,
     ep: Endpoint,
@@ -441,6 +449,9 @@ struct Session {
     done_tx: crate::dispatch::Done,
     done_rx: mpsc::UnboundedReceiver<(u64, tokio::task::Id, Resp)>,
     inflight: InFlight,
+    /// Metrics counted by this session, added to the shared ones before
+    /// its answers are published (crate::gov::Tally).
+    tally: Tally,
     /// Request metadata copied out of shared memory before it is parsed.
     meta_buf: Vec<u8>,
     // Server role: requests forwarded to this app, awaiting its responses
@@ -482,6 +493,7 @@ impl Session {
             done_tx,
             done_rx,
             inflight: InFlight::default(),
+            tally: Tally::default(),
             meta_buf: Vec::new(),
             fwd_rx,
             cancel_rx,
@@ -499,6 +511,13 @@ impl Session {
             body,
             progress: WriteProgress { sent: 0 },
         });
+    }
+
+    /// Publish what was written and released (the metrics of the answers
+    /// first), ringing the app as `Endpoint::flush` does.
+    fn publish(&mut self) {
+        self.sh.gov.flush(&mut self.tally);
+        self.ep.flush();
     }
 
     /// Write queued messages into the ring while it has room.
@@ -541,7 +560,7 @@ impl Session {
         };
         let fits = self.ep.tx.fits_now(need).unwrap_or(true);
         if !fits {
-            self.ep.flush();
+            self.publish();
         }
         fits
     }
@@ -627,6 +646,7 @@ impl Session {
                     let arrived = *arrived.get_or_insert_with(Instant::now);
                     match handle_request(
                         &self.sh,
+                        &mut self.tally,
                         &self.peer,
                         Inbound {
                             stream_id: m.stream_id,
@@ -722,7 +742,7 @@ impl Session {
             f.release();
             n += 1;
             if self.ep.rx.unpublished() >= self.ep.rx.capacity() / 4 {
-                self.ep.flush();
+                self.publish();
             }
             if self.paused() {
                 break;
@@ -802,7 +822,7 @@ impl Session {
             any |= self.read_incoming()? > 0;
         }
         any |= self.flush_out().map_err(|e| e.to_string())?;
-        self.ep.flush();
+        self.publish();
         Ok(any)
     }
 

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
 use crate::tls::PeerIdentity;
+use crate::gov::Tally;
 use crate::Shared;
 
 pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, shutdown: watch::Receiver<bool>) {
@@ -35,6 +36,7 @@ pub async fn serve<S>(
     let max = sh.router.max_message();
     let dec = FrameDecoder::new(max);
     let mut reasm = Reassembler::new(max);
+    let mut tally = Tally::default();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, _, crate::router::Resp)>();
     let mut inflight = InFlight::default();
     let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
@@ -99,6 +101,7 @@ pub async fn serve<S>(
                         Some(denied) => Outcome::Reply(denied),
                         None => handle_request(
                             &sh,
+                            &mut tally,
                             &who,
                             Inbound {
                                 stream_id: m.stream_id,
@@ -148,6 +151,8 @@ pub async fn serve<S>(
             off += total;
         }
         buf.drain(..off);
+        // The answers' metrics before the answers.
+        sh.gov.flush(&mut tally);
         if !out.is_empty() {
             // flush: a TLS stream may hold records back otherwise.
             if let Err(e) = w.write_all(&out).await {
@@ -165,6 +170,7 @@ pub async fn serve<S>(
             break 'session "shutdown".into();
         }
     };
+    sh.gov.flush(&mut tally);
     for h in inflight.drain() {
         h.abort();
     }
