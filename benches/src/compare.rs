@@ -192,7 +192,7 @@ fn cells(a: &Args) -> Result<(Vec<Transport>, Vec<Cell>), String> {
     }
     let mut out = Vec::new();
     let mut add = |mode: Mode, size: usize, c: usize, d: Duration| {
-        for &t in &transports_sorted {
+        for &t in transports_sorted.iter().filter(|t| t.measures(c)) {
             out.push(Cell {
                 key: Key {
                     mode,

@@ -14,6 +14,7 @@ fn color(t: &str) -> &'static str {
         "shm-spin" => "#1f77b4",
         "shm-block" => "#2ca02c",
         "tcp" => "#d62728",
+        "tcp-batch" => "#ff9896",
         "uds" => "#ff7f0e",
         "ring-floor" => "#9467bd",
         _ => "#8c564b",

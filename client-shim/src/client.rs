@@ -40,6 +40,11 @@ pub struct ClientOptions {
     pub spin: u32,
     /// Limit for connecting and the handshake.
     pub connect_timeout: Duration,
+    /// A [`crate::Pipeline`] over TCP: gather requests into writes of this
+    /// many bytes, the rest going out at the next poll (0, the default:
+    /// one write per request). Fewer syscalls with many in flight, more
+    /// latency with few. Other clients and shm ignore it.
+    pub tcp_batch: usize,
 }
 
 impl Default for ClientOptions {
@@ -55,6 +60,7 @@ impl Default for ClientOptions {
             ring_size: 0,
             spin: 2000,
             connect_timeout: Duration::from_secs(5),
+            tcp_batch: 0,
         }
     }
 }

@@ -101,6 +101,13 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// Awake again after [`Link::sleep_begin`].
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn sleep_end(&self) {}
+    /// Let sent frames wait in a buffer until `bytes` of them do or
+    /// [`Link::flush`] (a transport with writes to save: TCP).
+    fn batch_writes(&self, _bytes: usize) {}
+    /// Write what [`Link::batch_writes`] left waiting.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
     /// Take in what has arrived, without blocking: true if anything did
     /// (TCP: one non-blocking read; shm: the ring is already in memory).
     fn receive_now(&self, _rx: &mut Self::Rx) -> Result<bool> {
@@ -195,6 +202,12 @@ impl Link for TcpLink {
     }
     fn receive_now(&self, rx: &mut TcpRx) -> Result<bool> {
         TcpLink::receive_now(self, rx)
+    }
+    fn batch_writes(&self, bytes: usize) {
+        TcpLink::batch_writes(self, bytes)
+    }
+    fn flush(&self) -> Result<()> {
+        TcpLink::flush(self)
     }
 }
 

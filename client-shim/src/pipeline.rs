@@ -53,7 +53,10 @@ impl<'a> Reply<'a> {
 /// The connection is the pipeline's own, with the transport and fallback of
 /// its [`ClientOptions`]. If the proxy goes away, `send` and `poll` fail
 /// with [`Error::ProxyGone`] and the calls in flight are lost: open a new
-/// pipeline. Shm waits spin first as [`ClientOptions::spin`] says.
+/// pipeline. Shm waits spin first as [`ClientOptions::spin`] says. Over TCP
+/// each request is written as it is sent, unless
+/// [`ClientOptions::tcp_batch`] asks to gather them (then they go out at the
+/// next poll, or once that many bytes wait).
 ///
 /// ```no_run
 /// use meshshm::{Call, ClientOptions, Pipeline};
@@ -85,14 +88,14 @@ impl Pipeline {
     /// As [`crate::Client::with_options`].
     pub fn connect(opts: &ClientOptions) -> Result<Pipeline> {
         let inner: Box<dyn Driven + Send> = match connect_link(opts)? {
-            Linked::Shm(l) => Box::new(Pipe::new(l)),
-            Linked::Tcp(l) => Box::new(Pipe::new(l)),
+            Linked::Shm(l) => Box::new(Pipe::new(l, 0)),
+            Linked::Tcp(l) => Box::new(Pipe::new(l, opts.tcp_batch)),
         };
         Ok(Pipeline { inner })
     }
 
     /// Send a call; its id, or `None` (nothing sent) if there is no room
-    /// for it now. A message larger than the ring goes in parts: once its
+    /// for it now (see [`ClientOptions::tcp_batch`] for when it leaves). A message larger than the ring goes in parts: once its
     /// first part is written, this waits for room for the rest, taking in
     /// replies meanwhile (the next [`Pipeline::poll`] hands them out).
     ///
@@ -196,7 +199,8 @@ struct Pipe<L: Link> {
 }
 
 impl<L: Link> Pipe<L> {
-    fn new(link: L) -> Self {
+    fn new(link: L, batch: usize) -> Self {
+        link.batch_writes(batch);
         Pipe {
             link,
             ids: Ids {
@@ -399,6 +403,7 @@ impl<L: Link> Driven for Pipe<L> {
             link, ids, goaway, ..
         } = self;
         let r = (|| {
+            link.flush()?;
             let mut rx = link.rx();
             loop {
                 while link.receive_now(&mut rx)? {

@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,10 @@ pub(crate) struct TcpLink {
     rx: Mutex<TcpRx>,
     shut: TcpStream,
     max_message: usize,
+    /// Write batching (see [`TcpLink::batch_writes`]): bytes, 0 = off.
+    batch: AtomicUsize,
+    /// Frames waiting to be written while batching.
+    pending: Mutex<Vec<u8>>,
 }
 
 pub(crate) struct TcpRx {
@@ -65,6 +70,8 @@ impl TcpLink {
             }),
             shut,
             max_message,
+            batch: AtomicUsize::new(0),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -73,37 +80,70 @@ impl TcpLink {
     /// full `idle` can read the proxy's answers (which the proxy may be
     /// waiting to send before it reads more).
     pub(crate) fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
-        use nix::sys::socket::{send, MsgFlags};
-        use std::os::fd::AsRawFd;
         check_size(m.len(), self.max_message)?;
+        let batch = self.batch.load(Ordering::Relaxed);
+        if batch > 0 {
+            let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            encode_frame(&mut p, m.kind, m.id, m.meta.len(), &[m.meta, m.body]);
+            if p.len() >= batch {
+                let r = self.write_out(&p, idle);
+                p.clear();
+                return r;
+            }
+            return Ok(());
+        }
         OUT.with(|o| {
             let mut o = o.borrow_mut();
             o.clear();
             encode_frame(&mut o, m.kind, m.id, m.meta.len(), &[m.meta, m.body]);
-            let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
-            let mut off = 0;
-            while off < o.len() {
-                match send(
-                    w.as_raw_fd(),
-                    &o[off..],
-                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-                ) {
-                    Ok(n) => off += n,
-                    Err(nix::errno::Errno::EAGAIN) => {
-                        idle();
-                        use std::os::fd::AsFd;
-                        crate::shm::poll_for(
-                            w.as_fd(),
-                            nix::poll::PollFlags::POLLOUT,
-                            Duration::from_millis(1),
-                        );
-                    }
-                    Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => return Err(gone(std::io::Error::from(e))),
-                }
-            }
-            Ok(())
+            self.write_out(&o, idle)
         })
+    }
+
+    /// From now on, frames wait in a buffer until `bytes` of them do or
+    /// [`TcpLink::flush`] (0: each frame is written at once).
+    pub(crate) fn batch_writes(&self, bytes: usize) {
+        self.batch.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Write the frames that wait in the buffer.
+    pub(crate) fn flush(&self) -> Result<()> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.is_empty() {
+            return Ok(());
+        }
+        let r = self.write_out(&p, &mut || {});
+        p.clear();
+        r
+    }
+
+    /// Write all of `o`; while the socket buffer is full, run `idle`.
+    fn write_out(&self, o: &[u8], idle: &mut dyn FnMut()) -> Result<()> {
+        use nix::sys::socket::{send, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let w = self.w.lock().unwrap_or_else(|p| p.into_inner());
+        let mut off = 0;
+        while off < o.len() {
+            match send(
+                w.as_raw_fd(),
+                &o[off..],
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => off += n,
+                Err(nix::errno::Errno::EAGAIN) => {
+                    idle();
+                    use std::os::fd::AsFd;
+                    crate::shm::poll_for(
+                        w.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                        Duration::from_millis(1),
+                    );
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(gone(std::io::Error::from(e))),
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn try_rx(&self) -> Option<MutexGuard<'_, TcpRx>> {

@@ -43,8 +43,8 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
-use crate::router::{Forward, LocalTx, Resp};
 use crate::gov::Tally;
+use crate::router::{Forward, LocalTx, Resp};
 use crate::Shared;
 
 /// Echo answers of one pass are published (and the app rung if it sleeps)

@@ -11,8 +11,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 
 use crate::dispatch::{complete, handle_request, InFlight, Inbound, Outcome};
-use crate::tls::PeerIdentity;
 use crate::gov::Tally;
+use crate::tls::PeerIdentity;
 use crate::Shared;
 
 pub async fn run(sh: Arc<Shared>, s: TcpStream, id: u64, shutdown: watch::Receiver<bool>) {
