@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 
 use crate::backend::Backend;
 use crate::cpu;
-use crate::wire::Body;
+use crate::wire::{check_echo, Body, METHOD, SERVICE};
 
 /// Closed loop (next request when the previous answer is in) or open
 /// loop (requests on a schedule at a fixed rate).
@@ -142,7 +142,10 @@ pub fn run(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
             Mode::Closed => closed_one(backend, plan),
             Mode::Open => open_one(backend, plan),
         }
-    } else if plan.many_client == ManyClient::Pipeline && plan.sessions <= 1 {
+    } else if plan.many_client == ManyClient::Pipeline
+        && plan.mode == Mode::Closed
+        && plan.sessions <= 1
+    {
         match backend.pipeline()? {
             Some(p) => pipelined(backend, plan, p),
             None => many(backend, plan),
@@ -353,42 +356,33 @@ fn many(backend: &Backend, plan: &Plan) -> Result<Sample, String> {
     })
 }
 
-/// Many in flight through one [`meshshm::Pipeline`], from this thread: each
-/// of the `concurrency` slots has one call outstanding (closed loop) or
-/// sends on its schedule (open loop, as the tasks of [`many`] do).
+/// Many in flight through one [`meshshm::Pipeline`], closed loop, from this
+/// thread: each of the `concurrency` slots has one call outstanding, sent
+/// again as soon as its answer is in. (Open loop with many in flight keeps
+/// the tokio design of [`many`]: its timers wake each task on schedule.)
 fn pipelined(backend: &Backend, plan: &Plan, mut p: meshshm::Pipeline) -> Result<Sample, String> {
     struct Slot {
         body: Body,
-        /// when the call in flight counts from
-        from: Instant,
-        /// open loop: calls sent so far, and when the last one's answer came
-        k: u32,
-        prev_done: Instant,
+        /// when the call in flight was sent
+        sent: Instant,
     }
-    let c = plan.concurrency;
     let t0 = Instant::now();
-    let mut slots: Vec<Slot> = (0..c)
+    let mut slots: Vec<Slot> = (0..plan.concurrency)
         .map(|i| Slot {
             body: Body::new(plan.size, i as u64 + 1),
-            from: t0,
-            k: 0,
-            prev_done: t0,
+            sent: t0,
         })
         .collect();
-    // Open loop: slot i sends at t0 + every × (k + i / c).
-    let every = Duration::from_secs_f64(c as f64 / plan.rate.max(1e-3));
-    let sched = |i: usize, k: u32| t0 + every.mul_f64(i as f64 / c as f64) + every * k;
-    let open = plan.mode == Mode::Open;
-    let mut idle: Vec<usize> = (0..c).rev().collect();
-    let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(2 * c);
+    let mut idle: Vec<usize> = (0..slots.len()).rev().collect();
+    let mut by_id: HashMap<u64, usize> = HashMap::with_capacity(2 * slots.len());
     let mut hist = new_hist();
     let mut n = 0u64;
     let mut a: Option<Mark> = None;
     let mut error: Option<String> = None;
-    let measure_from = t0 + plan.warmup;
+    const PATIENCE: Duration = Duration::from_secs(30);
     loop {
         let now = Instant::now();
-        if a.is_none() && now >= measure_from {
+        if a.is_none() && now >= t0 + plan.warmup {
             a = Some(mark_start(backend.pid()));
         }
         let stop = match (&a, plan.count) {
@@ -399,75 +393,44 @@ fn pipelined(backend: &Backend, plan: &Plan, mut p: meshshm::Pipeline) -> Result
         if stop || error.is_some() {
             break;
         }
-        // Send what is due, as far as the ring takes it.
-        let mut next_due: Option<Instant> = None;
-        let mut i = 0;
-        while i < idle.len() {
-            let s = idle[i];
-            let from = if open {
-                let due = sched(s, slots[s].k);
-                if due > now {
-                    next_due = Some(next_due.map_or(due, |d| d.min(due)));
-                    i += 1;
-                    continue;
-                }
-                if slots[s].prev_done > due {
-                    due
-                } else {
-                    now
-                }
-            } else {
-                now
-            };
+        // Send from every free slot, as far as the ring takes them.
+        while let Some(&s) = idle.last() {
             let slot = &mut slots[s];
-            let call =
-                meshshm::Call::new(crate::wire::SERVICE, crate::wire::METHOD, slot.body.next());
+            let call = meshshm::Call::new(SERVICE, METHOD, slot.body.next());
             match p.send(&call).map_err(|e| e.to_string())? {
                 Some(id) => {
-                    slot.from = from;
-                    slot.k += 1;
+                    slot.sent = Instant::now();
                     by_id.insert(id, s);
-                    idle.swap_remove(i);
+                    idle.pop();
                 }
                 None => break,
             }
         }
-        // Take the answers; wait for the first until the next send is due.
-        let timeout = match next_due {
-            Some(d) if p.in_flight() == 0 || open => {
-                Some(d.saturating_duration_since(Instant::now()))
-            }
-            _ if p.in_flight() == 0 => Some(Duration::ZERO),
-            _ => Some(Duration::from_secs(30)),
-        };
+        // Take the answers (all that came; waiting for the first).
         let mut done: Option<Instant> = None;
         let measuring = a.is_some();
         let got = p
-            .poll(timeout, |r| {
+            .poll(Some(PATIENCE), |r| {
                 let Some(s) = by_id.remove(&r.id) else {
                     error.get_or_insert_with(|| format!("a reply for an unknown call {}", r.id));
                     return;
                 };
-                let slot = &mut slots[s];
-                let at = *done.get_or_insert_with(Instant::now);
-                slot.prev_done = at;
                 idle.push(s);
+                let slot = &slots[s];
+                // One clock read for the answers taken together.
+                let at = *done.get_or_insert_with(Instant::now);
                 if r.status != meshshm::status::OK {
                     error.get_or_insert_with(|| format!("status {}: {}", r.status, r.message));
-                    return;
-                }
-                if let Err(e) = crate::wire::check_echo(r.body, slot.body.current()) {
+                } else if let Err(e) = check_echo(r.body, slot.body.current()) {
                     error.get_or_insert(e);
-                    return;
-                }
-                if measuring {
-                    hist.saturating_record((at - slot.from).as_nanos() as u64);
+                } else if measuring {
+                    hist.saturating_record((at - slot.sent).as_nanos() as u64);
                     n += 1;
                 }
             })
             .map_err(|e| e.to_string())?;
-        if got == 0 && timeout == Some(Duration::from_secs(30)) {
-            return Err("pipeline: no answer in 30 s".into());
+        if got == 0 {
+            return Err(format!("pipeline: no answer in {PATIENCE:?}"));
         }
     }
     let b = mark_end(backend.pid());

@@ -124,8 +124,18 @@ fn compare_writes_sane_json_and_plot_and_cleans_up() {
         "ring-floor",
         "ring-floor-block",
     ];
-    // 2 sizes × 2 concurrencies closed + 1 open cell, per transport.
-    assert_eq!(recs.len(), want.len() * 5, "{text}");
+    // 2 sizes × 2 concurrencies closed + 1 open cell, per transport; and
+    // tcp-batch's many-in-flight cells (one in flight would repeat tcp's).
+    assert_eq!(recs.len(), want.len() * 5 + 2, "{text}");
+    for size in [64, 4096] {
+        assert!(
+            recs.iter().any(|r| r["transport"] == "tcp-batch"
+                && r["size"] == size
+                && r["concurrency"] == 8
+                && r["client"] == "pipeline"),
+            "no tcp-batch record for {size} B x8: {text}"
+        );
+    }
     for t in want {
         for (mode, size, c) in [
             ("closed", 64, 1),
@@ -159,6 +169,12 @@ fn compare_writes_sane_json_and_plot_and_cleans_up() {
             assert!(f("client_cpu_us_per_req") > 0.0, "{r}");
             assert!(f("proxy_cpu_us_per_req") >= 0.0, "{r}");
             assert!(r["requests"].as_u64().unwrap_or(0) > 0, "{r}");
+            let client = match (c, t) {
+                (1, _) => "blocking",
+                (_, "uds" | "ring-floor" | "ring-floor-block") => "mux",
+                _ => "pipeline",
+            };
+            assert_eq!(r["client"], client, "{r}");
             if t == "tcp" {
                 assert_eq!(r["p50_vs_tcp"].as_f64(), Some(1.0), "{r}");
             } else {

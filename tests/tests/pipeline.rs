@@ -61,8 +61,17 @@ fn echo_run(p: &mut Pipeline, total: usize, depth: usize, sizes: &[usize]) {
 fn pipeline_keeps_many_calls_in_flight_over_shm_and_tcp() {
     let proxy = Proxy::start();
     let sizes = [0, 1, 1000, 20_000, 40_000, 100_000, 300];
-    for transport in [Transport::Shm, Transport::Tcp(proxy.tcp)] {
-        let mut p = Pipeline::connect(&options(&proxy, transport.clone())).unwrap();
+    // (TCP twice: one write per request, then gathered into 16 KiB writes.)
+    for (transport, tcp_batch) in [
+        (Transport::Shm, 0),
+        (Transport::Tcp(proxy.tcp), 0),
+        (Transport::Tcp(proxy.tcp), 16 << 10),
+    ] {
+        let opts = ClientOptions {
+            tcp_batch,
+            ..options(&proxy, transport.clone())
+        };
+        let mut p = Pipeline::connect(&opts).unwrap();
         let want = if matches!(transport, Transport::Shm) {
             "shm"
         } else {
