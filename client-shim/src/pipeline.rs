@@ -95,7 +95,9 @@ impl Pipeline {
     }
 
     /// Send a call; its id, or `None` (nothing sent) if there is no room
-    /// for it now (see [`ClientOptions::tcp_batch`] for when it leaves). A message larger than the ring goes in parts: once its
+    /// for it now: poll, then send again (room comes as the proxy reads the
+    /// calls in flight). With no other call in flight this waits for room
+    /// instead. (See [`ClientOptions::tcp_batch`] for when it leaves.) A message larger than the ring goes in parts: once its
     /// first part is written, this waits for room for the rest, taking in
     /// replies meanwhile (the next [`Pipeline::poll`] hands them out).
     ///
@@ -370,7 +372,11 @@ impl<L: Link> Driven for Pipe<L> {
             meta: &meta,
             body: call.body,
         };
-        let r = self.send_out(out, false);
+        // With nothing else in flight no answer will come to poll for, and
+        // the room (freed as the proxy reads, a pad to the ring's end
+        // included) needs nothing from us: wait for it here.
+        let alone = self.ids.slots.len() == 1 && self.early.is_empty();
+        let r = self.send_out(out, alone);
         self.meta = meta;
         match self.check(r) {
             Ok(true) => Ok(Some(id)),
@@ -396,6 +402,11 @@ impl<L: Link> Driven for Pipe<L> {
                 headers: None,
             });
             n += 1;
+        }
+        if n > 0 {
+            // (Taken in while a send waited: hand them out before anything
+            // else can fail. Gathered TCP writes go at the next poll.)
+            return Ok(n);
         }
         self.alive()?;
         let deadline = timeout.map(|t| Instant::now() + t);
