@@ -84,13 +84,22 @@ impl TcpLink {
         let batch = self.batch.load(Ordering::Relaxed);
         if batch > 0 {
             let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            encode_frame(&mut p, m.kind, m.id, m.meta.len(), &[m.meta, m.body]);
-            if p.len() >= batch {
+            if m.len() < batch {
+                encode_frame(&mut p, m.kind, m.id, m.meta.len(), &[m.meta, m.body]);
+                if p.len() < batch {
+                    return Ok(());
+                }
                 let r = self.write_out(&p, idle);
                 p.clear();
                 return r;
             }
-            return Ok(());
+            // A large message is not copied into the batch: what waits goes
+            // first, then it.
+            if !p.is_empty() {
+                let r = self.write_out(&p, idle);
+                p.clear();
+                r?;
+            }
         }
         OUT.with(|o| {
             let mut o = o.borrow_mut();
