@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use meshshm_proto::{status, HeaderIter, RequestMeta, ResponseMeta};
-use meshshm_ring::{FrameKind, Message, WaitOutcome};
+use meshshm_ring::{FrameKind, Message};
 use slab::Slab;
 
 use crate::client::{connect_link, Linked};
@@ -275,29 +275,38 @@ fn take_in<L: Link>(
     let Some(mut rx) = link.try_rx() else {
         return Ok(());
     };
-    while link.receive_now(&mut rx)? {
-        link.drain(&mut rx, &mut |m| {
-            on_message(m, ids, goaway, &mut |r| {
-                early.push_back(Early {
-                    id: r.id,
-                    status: r.status,
-                    message: r.message.to_owned(),
-                    body: r.body.to_vec(),
-                })
-            })
-        })?;
-    }
-    link.drain(&mut rx, &mut |m| {
-        on_message(m, ids, goaway, &mut |r| {
-            early.push_back(Early {
-                id: r.id,
-                status: r.status,
-                message: r.message.to_owned(),
-                body: r.body.to_vec(),
-            })
+    deliver(link, &mut rx, ids, goaway, &mut |r| {
+        early.push_back(Early {
+            id: r.id,
+            status: r.status,
+            message: r.message.to_owned(),
+            body: r.body.to_vec(),
         })
     })?;
     Ok(())
+}
+
+/// Take in what has arrived without waiting (TCP: as many reads as find
+/// data) and hand each reply for a call in flight to `on`; how many.
+fn deliver<L: Link>(
+    link: &L,
+    rx: &mut L::Rx,
+    ids: &mut Ids,
+    goaway: &mut bool,
+    on: &mut dyn FnMut(Reply<'_>),
+) -> Result<usize> {
+    let mut n = 0;
+    let mut each = |m: &Message<'_>| {
+        on_message(m, ids, goaway, &mut |r| {
+            n += 1;
+            on(r)
+        })
+    };
+    while link.receive_now(rx)? {
+        link.drain(rx, &mut each)?;
+    }
+    link.drain(rx, &mut each)?;
+    Ok(n)
 }
 
 /// One message from the proxy: a reply for a call in flight goes to `on`
@@ -417,20 +426,12 @@ impl<L: Link> Driven for Pipe<L> {
             link.flush()?;
             let mut rx = link.rx();
             loop {
-                while link.receive_now(&mut rx)? {
-                    link.drain(&mut rx, &mut |m| {
-                        on_message(m, ids, goaway, on).map(|()| n += 1)
-                    })?;
-                }
-                link.drain(&mut rx, &mut |m| {
-                    on_message(m, ids, goaway, on).map(|()| n += 1)
-                })?;
+                n += deliver(link, &mut rx, ids, goaway, on)?;
                 if n > 0 || deadline.is_some_and(|d| Instant::now() >= d) {
                     return Ok(n);
                 }
-                if link.wait(&mut rx, deadline)? == WaitOutcome::TimedOut {
-                    continue;
-                }
+                // (Timed out: the deadline check above returns.)
+                link.wait(&mut rx, deadline)?;
             }
         })();
         self.check(r)

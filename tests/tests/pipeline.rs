@@ -44,8 +44,10 @@ fn echo_run(p: &mut Pipeline, total: usize, depth: usize, sizes: &[usize]) {
             p.in_flight() > 0 || next == total,
             "send found no room with nothing in flight"
         );
-        answered += p
+        let mut handed = 0;
+        let got = p
             .poll(Some(Duration::from_secs(10)), |r| {
+                handed += 1;
                 let want = sent.remove(&r.id).expect("a reply for a call in flight");
                 assert_eq!(r.status, status::OK, "{}", r.message);
                 assert!(
@@ -55,6 +57,8 @@ fn echo_run(p: &mut Pipeline, total: usize, depth: usize, sizes: &[usize]) {
                 );
             })
             .unwrap();
+        assert_eq!(got, handed, "poll counts the replies it hands out");
+        answered += got;
     }
     assert!(sent.is_empty());
     assert_eq!(p.in_flight(), 0);
@@ -145,12 +149,16 @@ fn pipeline_full_ring_deadlines_and_cancel() {
             t0.elapsed() < Duration::from_secs(20),
             "calls outlived their deadlines"
         );
-        p.poll(Some(Duration::from_secs(5)), |r| {
-            assert_ne!(r.id, last, "a cancelled call's reply was handed out");
-            assert_eq!(r.status, status::DEADLINE_EXCEEDED, "{}", r.message);
-            ended.push(r.id);
-        })
-        .unwrap();
+        let before = ended.len();
+        let got = p
+            .poll(Some(Duration::from_secs(5)), |r| {
+                assert_ne!(r.id, last, "a cancelled call's reply was handed out");
+                assert_eq!(r.status, status::DEADLINE_EXCEEDED, "{}", r.message);
+                ended.push(r.id);
+            })
+            .unwrap();
+        // (The cancelled call's reply, if it came, is not counted.)
+        assert_eq!(got, ended.len() - before);
     }
     ended.sort_unstable();
     ids.sort_unstable();
