@@ -97,9 +97,10 @@ impl Pipeline {
     /// Send a call; its id, or `None` (nothing sent) if there is no room
     /// for it now: poll, then send again (room comes as the proxy reads the
     /// calls in flight). With no other call in flight this waits for room
-    /// instead. (See [`ClientOptions::tcp_batch`] for when it leaves.) A message larger than the ring goes in parts: once its
+    /// instead. A message larger than half the ring goes in parts: once its
     /// first part is written, this waits for room for the rest, taking in
-    /// replies meanwhile (the next [`Pipeline::poll`] hands them out).
+    /// replies meanwhile (the next [`Pipeline::poll`] hands them out). Over
+    /// TCP, see [`ClientOptions::tcp_batch`] for when a request leaves.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for a message over the size limit;
