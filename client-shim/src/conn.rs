@@ -104,8 +104,9 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// Let sent frames wait in a buffer until `bytes` of them do or
     /// [`Link::flush`] (a transport with writes to save: TCP).
     fn batch_writes(&self, _bytes: usize) {}
-    /// Write what [`Link::batch_writes`] left waiting.
-    fn flush(&self) -> Result<()> {
+    /// Write what [`Link::batch_writes`] left waiting; `idle` runs while
+    /// there is no room (as for [`Link::send`]).
+    fn flush(&self, _idle: &mut dyn FnMut()) -> Result<()> {
         Ok(())
     }
     /// Take in what has arrived, without blocking: true if anything did
@@ -206,8 +207,8 @@ impl Link for TcpLink {
     fn batch_writes(&self, bytes: usize) {
         TcpLink::batch_writes(self, bytes)
     }
-    fn flush(&self) -> Result<()> {
-        TcpLink::flush(self)
+    fn flush(&self, idle: &mut dyn FnMut()) -> Result<()> {
+        TcpLink::flush(self, idle)
     }
 }
 

@@ -238,6 +238,18 @@ impl<L: Link> Pipe<L> {
     /// ring, a Cancel), taking replies in meanwhile: the proxy may need room
     /// for them before it reads on.
     fn send_out(&mut self, m: Out<'_>, wait: bool) -> Result<bool> {
+        self.taking_in(|link, idle| {
+            if wait {
+                link.send(m, idle).map(|()| true)
+            } else {
+                link.try_send(m, idle, Rest::Wait)
+            }
+        })
+    }
+
+    /// Run a write `f` that may wait for room, with an `idle` that takes in
+    /// the replies that came meanwhile (kept for the next poll).
+    fn taking_in<T>(&mut self, f: impl FnOnce(&L, &mut dyn FnMut()) -> Result<T>) -> Result<T> {
         let Pipe {
             link,
             ids,
@@ -253,15 +265,26 @@ impl<L: Link> Pipe<L> {
                 }
             }
         };
-        let r = if wait {
-            link.send(m, &mut idle).map(|()| true)
-        } else {
-            link.try_send(m, &mut idle, Rest::Wait)
-        };
+        let r = f(link, &mut idle);
         match failed {
             Some(e) => Err(e),
             None => r,
         }
+    }
+
+    /// Hand out the replies taken in while a write waited.
+    fn hand_out_early(&mut self, on: &mut dyn FnMut(Reply<'_>)) -> usize {
+        let n = self.early.len();
+        for e in self.early.drain(..) {
+            on(Reply {
+                id: e.id,
+                status: e.status,
+                message: &e.message,
+                body: &e.body,
+                headers: None,
+            });
+        }
+        n
     }
 }
 
@@ -402,29 +425,23 @@ impl<L: Link> Driven for Pipe<L> {
     }
 
     fn poll(&mut self, timeout: Option<Duration>, on: &mut dyn FnMut(Reply<'_>)) -> Result<usize> {
-        let mut n = 0;
-        while let Some(e) = self.early.pop_front() {
-            on(Reply {
-                id: e.id,
-                status: e.status,
-                message: &e.message,
-                body: &e.body,
-                headers: None,
-            });
-            n += 1;
-        }
+        // Replies taken in while a write waited go first, before anything
+        // else can fail.
+        let n = self.hand_out_early(on);
         if n > 0 {
-            // (Taken in while a send waited: hand them out before anything
-            // else can fail. Gathered TCP writes go at the next poll.)
             return Ok(n);
         }
         self.alive()?;
+        // Gathered TCP writes go out, taking replies in while the socket is
+        // full (the proxy may be waiting to send them before it reads on).
+        let r = self.taking_in(|link, idle| link.flush(idle));
+        self.check(r)?;
+        let mut n = self.hand_out_early(on);
         let deadline = timeout.map(|t| Instant::now() + t);
         let Pipe {
             link, ids, goaway, ..
         } = self;
         let r = (|| {
-            link.flush()?;
             let mut rx = link.rx();
             loop {
                 n += deliver(link, &mut rx, ids, goaway, on)?;

@@ -115,13 +115,14 @@ impl TcpLink {
         self.batch.store(bytes, Ordering::Relaxed);
     }
 
-    /// Write the frames that wait in the buffer.
-    pub(crate) fn flush(&self) -> Result<()> {
+    /// Write the frames that wait in the buffer (running `idle` while the
+    /// socket buffer is full).
+    pub(crate) fn flush(&self, idle: &mut dyn FnMut()) -> Result<()> {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if p.is_empty() {
             return Ok(());
         }
-        let r = self.write_out(&p, &mut || {});
+        let r = self.write_out(&p, idle);
         p.clear();
         r
     }

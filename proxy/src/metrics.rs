@@ -43,7 +43,7 @@ impl<const N: usize> Buckets<N> {
     }
 
     fn observe(&self, v: f64) {
-        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(N - 1);
+        let i = bucket(self.bounds, v);
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_nano.fetch_add((v * 1e9) as u64, Ordering::Relaxed);
     }
@@ -70,6 +70,12 @@ impl<const N: usize> Buckets<N> {
         let sum = self.sum_nano.load(Ordering::Relaxed) as f64 / 1e9;
         encoder.encode_histogram::<NoLabelSet>(sum, total, &b, None)
     }
+}
+
+/// The bucket of `v`: the first whose upper bound it does not pass, else
+/// the last (+Inf), `bounds.len()`.
+fn bucket(bounds: &[f64], v: f64) -> usize {
+    bounds.iter().position(|&b| v <= b).unwrap_or(bounds.len())
 }
 
 /// Latency bucket upper bounds, in seconds (the last bucket is +Inf).
@@ -106,10 +112,7 @@ pub struct LocalHist {
 impl LocalHist {
     pub fn observe(&mut self, d: Duration) {
         let v = d.as_secs_f64();
-        let i = LATENCY_BOUNDS
-            .iter()
-            .position(|&b| v <= b)
-            .unwrap_or(LATENCY_BOUNDS.len());
+        let i = bucket(&LATENCY_BOUNDS, v);
         self.counts[i] += 1;
         self.sum_nano += (v * 1e9) as u64;
         self.any = true;

@@ -284,9 +284,7 @@ fn doorbell_wake_reasons() {
 #[test]
 fn doorbell_widened_sleep_gets_the_room_ring() {
     // (The caller's wait for the reader's look is a yield loop.)
-    let mut b = loom::model::Builder::new();
-    b.max_branches = 100_000;
-    b.check(|| {
+    model_wide(|| {
         let (waiter, notifier) = heap_doorbell(Bell::Futex, 0);
         let waiter = Arc::new(waiter);
         let room = Arc::new(AtomicBool::new(false));
@@ -352,9 +350,7 @@ fn doorbell_widened_sleep_gets_the_room_ring() {
 /// or the sleeping reader is rung: never neither.
 #[test]
 fn doorbell_owed_rest_is_written_or_the_reader_rung() {
-    let mut b = loom::model::Builder::new();
-    b.max_branches = 100_000;
-    b.check(|| {
+    model_wide(|| {
         let (waiter, notifier) = heap_doorbell(Bell::Futex, 0);
         let waiter = Arc::new(waiter);
         let room = Arc::new(AtomicBool::new(false));
@@ -404,4 +400,12 @@ fn doorbell_owed_rest_is_written_or_the_reader_rung() {
         sender.join().unwrap();
         proxy.join().unwrap();
     });
+}
+
+/// `loom::model` with room for the models whose caller waits in a yield
+/// loop (they take more branches than the default allows).
+fn model_wide(f: impl Fn() + Sync + Send + 'static) {
+    let mut b = loom::model::Builder::new();
+    b.max_branches = 100_000;
+    b.check(f);
 }
