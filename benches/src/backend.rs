@@ -20,12 +20,15 @@ use crate::wire::{check_echo, METHOD, SERVICE};
 /// What is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, ValueEnum)]
 pub enum Transport {
-    /// shm through the proxy; client and proxy spin before they sleep
+    /// shm through the proxy; client and proxy poll a long time (fixed) before they sleep
     #[value(name = "shm-spin")]
     ShmSpin,
-    /// shm through the proxy; neither spins: every wait is a doorbell
+    /// shm through the proxy, waiting as shipped: a short adaptive poll, then the doorbell
     #[value(name = "shm-block")]
     ShmBlock,
+    /// shm through the proxy; neither polls: every wait is a doorbell (one in flight only)
+    #[value(name = "shm-park")]
+    ShmPark,
     /// shm-block with the proxy's waiter forced to epoll (`--waiter epoll`)
     #[value(name = "shm-block-epoll")]
     ShmBlockEpoll,
@@ -45,26 +48,32 @@ pub enum Transport {
     /// bare two-process ring echo, spinning (floor)
     #[value(name = "ring-floor")]
     RingFloor,
-    /// bare two-process ring echo, eventfd doorbells, no spinning (floor)
+    /// bare two-process ring echo, waiting as shm-block does (floor)
     #[value(name = "ring-floor-block")]
     RingFloorBlock,
+    /// bare two-process ring echo, eventfd doorbells, no polling (floor; one in flight only)
+    #[value(name = "ring-floor-park")]
+    RingFloorPark,
 }
 
 impl Transport {
-    pub const ALL: [Transport; 7] = [
+    pub const ALL: [Transport; 9] = [
         Transport::ShmSpin,
         Transport::ShmBlock,
+        Transport::ShmPark,
         Transport::Tcp,
         Transport::TcpBatch,
         Transport::Uds,
         Transport::RingFloor,
         Transport::RingFloorBlock,
+        Transport::RingFloorPark,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Transport::ShmSpin => "shm-spin",
             Transport::ShmBlock => "shm-block",
+            Transport::ShmPark => "shm-park",
             Transport::ShmBlockEpoll => "shm-block-epoll",
             Transport::ShmBlockUring => "shm-block-uring",
             Transport::Tcp => "tcp",
@@ -72,12 +81,26 @@ impl Transport {
             Transport::Uds => "uds",
             Transport::RingFloor => "ring-floor",
             Transport::RingFloorBlock => "ring-floor-block",
+            Transport::RingFloorPark => "ring-floor-park",
         }
     }
 
-    /// Whether both sides spin before sleeping.
-    pub fn spins(self) -> bool {
-        matches!(self, Transport::ShmSpin | Transport::RingFloor)
+    /// How both sides wait: `spin` for the spinning pair, `block` for the
+    /// blocking pair (and the proxy's waiter variants), no polling for the
+    /// parked pair and the socket transports.
+    pub fn spin(self, spin: Spin, block: Spin) -> Spin {
+        match self {
+            Transport::ShmSpin | Transport::RingFloor => spin,
+            Transport::ShmBlock
+            | Transport::ShmBlockEpoll
+            | Transport::ShmBlockUring
+            | Transport::RingFloorBlock => block,
+            _ => Spin {
+                client_polls: 0,
+                server_us: 0,
+                adaptive: false,
+            },
+        }
     }
 
     /// Whether this is measured through a proxy.
@@ -86,6 +109,7 @@ impl Transport {
             self,
             Transport::ShmSpin
                 | Transport::ShmBlock
+                | Transport::ShmPark
                 | Transport::ShmBlockEpoll
                 | Transport::ShmBlockUring
                 | Transport::Tcp
@@ -99,9 +123,14 @@ impl Transport {
     }
 
     /// Whether cells with this many in flight are measured (tcp-batch with
-    /// one in flight would repeat tcp's cell).
+    /// one in flight would repeat tcp's cell; the parked pair shows what
+    /// the blocking pair's polling saves with one in flight).
     pub fn measures(self, concurrency: usize) -> bool {
-        self != Transport::TcpBatch || concurrency > 1
+        match self {
+            Transport::TcpBatch => concurrency > 1,
+            Transport::ShmPark | Transport::RingFloorPark => concurrency == 1,
+            _ => true,
+        }
     }
 
     /// The proxy `--waiter` this transport forces, if any.
@@ -127,6 +156,22 @@ pub struct Spin {
     pub client_polls: u32,
     /// server µs of polling before sleeping (`--spin-us`, the floor child)
     pub server_us: u64,
+    /// both budgets follow the load (`meshshm_ring::AdaptiveSpin`) rather
+    /// than being polled whole before every sleep (`--spin-fixed`)
+    pub adaptive: bool,
+}
+
+impl Spin {
+    /// How the shim and the proxy wait by default: `ClientOptions::spin`
+    /// polls and the proxy's `shm.spin_us` (proxy/src/default.toml), both
+    /// adaptive.
+    pub fn shipped() -> Spin {
+        Spin {
+            client_polls: ClientOptions::default().spin,
+            server_us: 20,
+            adaptive: true,
+        }
+    }
 }
 
 enum Kind {
@@ -161,6 +206,8 @@ pub struct Setup<'a> {
     pub proxy_threads: usize,
     pub dir: &'a Path,
     pub spin: Spin,
+    /// how the blocking transports wait
+    pub block: Spin,
     /// ring bytes per direction (0: the proxy's default, 2 MiB)
     pub ring_size: usize,
     /// `--waiter` for the proxies (None: the proxy's default)
@@ -175,18 +222,12 @@ impl Backend {
     pub fn start(t: Transport, o: &Setup<'_>) -> Result<Backend, String> {
         let me = std::env::current_exe().map_err(|e| e.to_string())?;
         let parent = std::process::id().to_string();
-        let spin = if t.spins() {
-            o.spin
-        } else {
-            Spin {
-                client_polls: 0,
-                server_us: 0,
-            }
-        };
+        let spin = t.spin(o.spin, o.block);
         let log = o.dir.join(format!("{}.log", t.name()));
         match t {
             Transport::ShmSpin
             | Transport::ShmBlock
+            | Transport::ShmPark
             | Transport::ShmBlockEpoll
             | Transport::ShmBlockUring
             | Transport::Tcp
@@ -202,6 +243,9 @@ impl Backend {
                     .arg("--threads")
                     .arg(o.proxy_threads.to_string())
                     .env("RUST_LOG", "warn");
+                if !spin.adaptive {
+                    cmd.arg("--spin-fixed");
+                }
                 if let Some(w) = t.waiter().or(o.waiter) {
                     cmd.args(["--waiter", w]);
                 }
@@ -257,7 +301,7 @@ impl Backend {
                     _idle: Vec::new(),
                 })
             }
-            Transport::RingFloor | Transport::RingFloorBlock => {
+            Transport::RingFloor | Transport::RingFloorBlock | Transport::RingFloorPark => {
                 let path = o.dir.join(format!("{}.sock", t.name()));
                 let l =
                     UnixListener::bind(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -323,6 +367,7 @@ impl Backend {
             tcp_fallback: None,
             service: "meshshm-bench".into(),
             spin: self.spin.client_polls,
+            spin_adaptive: self.spin.adaptive,
             ring_size: self.ring as u64,
             ..ClientOptions::default()
         }
@@ -332,6 +377,7 @@ impl Backend {
         floor::FloorOpts {
             client_spin: self.spin.client_polls,
             server_spin_us: self.spin.server_us,
+            adaptive: self.spin.adaptive,
             ring: if self.ring == 0 {
                 floor::RING
             } else {

@@ -80,6 +80,14 @@ pub struct Args {
     /// Spinning transports: server µs of polling before sleeping (proxy --spin-us).
     #[arg(long, default_value_t = 1000)]
     server_spin_us: u64,
+    /// Blocking transports: client polls at most before sleeping, adaptive
+    /// [default: ClientOptions::spin's default, 2000].
+    #[arg(long)]
+    block_spin: Option<u32>,
+    /// Blocking transports: server µs of polling at most before sleeping,
+    /// adaptive [default: the proxy's shm.spin_us, 20].
+    #[arg(long)]
+    block_server_spin_us: Option<u64>,
     /// Where client and server run: `split` (the client on one CPU, the
     /// server on another, as an app and its sidecar: every wake-up crosses
     /// CPUs), `same` (one CPU: every wake-up is a context switch), `none`
@@ -309,6 +317,12 @@ fn compare(a: Args) -> Result<bool, String> {
         spin: Spin {
             client_polls: a.spin,
             server_us: a.server_spin_us,
+            adaptive: false,
+        },
+        block: Spin {
+            client_polls: a.block_spin.unwrap_or(Spin::shipped().client_polls),
+            server_us: a.block_server_spin_us.unwrap_or(Spin::shipped().server_us),
+            adaptive: true,
         },
         ring_size: a.ring_size.unwrap_or(0),
         waiter: a.waiter.as_deref(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use meshshm_proto::{recv_with_fds, send_with_fds, ResponseMeta};
 use meshshm_ring::{
-    write_message, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind, Notifier, Producer,
+    write_message, AdaptiveSpin, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind, Notifier, Producer,
     Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress, DEFAULT_MAX_MESSAGE,
 };
 
@@ -42,6 +42,9 @@ pub struct FloorOpts {
     pub client_spin: u32,
     /// child µs of polling before sleeping
     pub server_spin_us: u64,
+    /// both sides' polling follows the load (`meshshm_ring::AdaptiveSpin`,
+    /// as the shim and the proxy by default)
+    pub adaptive: bool,
     /// bytes per ring direction (power of two)
     pub ring: usize,
 }
@@ -75,13 +78,14 @@ fn child(connect: &Path) -> Result<(), String> {
         if n == 0 {
             return Ok(());
         }
-        if n != 12 || &b[..4] != MAGIC || fds.len() != 3 {
+        if n != 13 || &b[..4] != MAGIC || fds.len() != 3 {
             return Err(format!(
                 "bad session message ({n} bytes, {} fds)",
                 fds.len()
             ));
         }
-        let spin = Duration::from_micros(u64::from_le_bytes(b[4..12].try_into().expect("8")));
+        let spin_us = u64::from_le_bytes(b[4..12].try_into().expect("8"));
+        let spin = AdaptiveSpin::new(u32::try_from(spin_us).unwrap_or(u32::MAX), b[12] != 0);
         let mut fds = fds.into_iter();
         let seg = Segment::open(fds.next().expect("3 fds")).map_err(s)?;
         let app = Bell::from_eventfd(fds.next().expect("3 fds"));
@@ -100,7 +104,7 @@ struct Out {
 }
 
 /// Echo until Goaway (or until the parent starts another session / goes).
-fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
+fn serve(mut ep: Endpoint, spin: AdaptiveSpin) -> Result<(), String> {
     let mut reasm = Reassembler::new(ep.max_message as usize);
     let mut out: VecDeque<Out> = VecDeque::new();
     loop {
@@ -118,7 +122,7 @@ fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
         if moved {
             continue;
         }
-        // Idle: poll for `spin` (as the proxy does), then sleep on the
+        // Idle: poll for up to `spin` µs (as the proxy does), then sleep on the
         // doorbell, the control socket being the second fd.
         let Endpoint {
             tx,
@@ -148,10 +152,12 @@ fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
                 rx.has_data().unwrap_or(true)
             }
         };
-        if !spin.is_zero() {
+        let budget = spin.budget();
+        if budget > 0 {
+            let poll_for = Duration::from_micros(budget.into());
             let t0 = Instant::now();
             let mut hit = false;
-            while t0.elapsed() < spin {
+            while t0.elapsed() < poll_for {
                 if ready() {
                     hit = true;
                     break;
@@ -159,8 +165,10 @@ fn serve(mut ep: Endpoint, spin: Duration) -> Result<(), String> {
                 std::hint::spin_loop();
             }
             if hit {
+                spin.hit(t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX), budget);
                 continue;
             }
+            spin.missed(budget);
         }
         match waiter.wait_until(ready, None, None).map_err(s)? {
             WaitOutcome::Other => return Ok(()),
@@ -263,6 +271,7 @@ fn open_session(ctl: &UnixStream, o: &FloorOpts) -> Result<Endpoint, String> {
     let child = Bell::eventfd().map_err(s)?;
     let mut msg = MAGIC.to_vec();
     msg.extend_from_slice(&o.server_spin_us.to_le_bytes());
+    msg.push(u8::from(o.adaptive));
     let fds = [
         seg.fd(),
         app.fd().expect("eventfd bell"),
@@ -365,6 +374,7 @@ pub struct FloorConn {
 impl FloorConn {
     pub fn open(ctl: &UnixStream, o: &FloorOpts) -> Result<FloorConn, String> {
         let mut ep = open_session(ctl, o)?;
+        ep.waiter.set_spin_adaptive(o.adaptive);
         ep.waiter.set_spin(o.client_spin);
         ep.waiter.set_want(meshshm_ring::WANT_DATA);
         let ctl = ctl.try_clone().map_err(s)?;
@@ -446,6 +456,7 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
         peer,
         max_message,
     } = open_session(ctl, o)?;
+    waiter.set_spin_adaptive(o.adaptive);
     waiter.set_spin(o.client_spin);
     waiter.set_want(meshshm_ring::WANT_DATA);
     let closing = Arc::new(AtomicBool::new(false));

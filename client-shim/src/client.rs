@@ -36,8 +36,15 @@ pub struct ClientOptions {
     pub token: String,
     /// Requested ring size per direction in bytes (0: the proxy's default).
     pub ring_size: u64,
-    /// Doorbell spin budget: polls of the ring before sleeping (0 = never spin).
+    /// Doorbell spin budget: at most this many polls of the ring before
+    /// sleeping (0 = never spin).
     pub spin: u32,
+    /// Whether the spin budget follows the load (default `true`): the whole
+    /// budget while answers come during the poll, less each time a wait
+    /// outlasts it, none (with a probe every few waits) once answers take
+    /// longer, so a trickle of requests costs no polling CPU. `false`:
+    /// every wait polls its whole budget first.
+    pub spin_adaptive: bool,
     /// Limit for connecting and the handshake.
     pub connect_timeout: Duration,
     /// A [`crate::Pipeline`] over TCP: gather requests into writes of this
@@ -59,6 +66,7 @@ impl Default for ClientOptions {
             token: String::new(),
             ring_size: 0,
             spin: 2000,
+            spin_adaptive: true,
             connect_timeout: Duration::from_secs(5),
             tcp_batch: 0,
         }
@@ -275,6 +283,7 @@ pub(crate) fn connect_link(o: &ClientOptions) -> Result<Linked> {
                 token: &o.token,
                 ring_size: o.ring_size,
                 spin: o.spin,
+                spin_adaptive: o.spin_adaptive,
                 timeout: o.connect_timeout,
             };
             match ShmLink::connect(&path, &hello) {

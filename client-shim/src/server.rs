@@ -76,6 +76,7 @@ impl Server {
                 token: "",
                 ring_size: 0,
                 spin: 2000,
+                spin_adaptive: true,
                 timeout: Duration::from_secs(5),
             },
         )?;

@@ -103,6 +103,7 @@ pub(crate) struct HelloOpts<'a> {
     pub(crate) token: &'a str,
     pub(crate) ring_size: u64,
     pub(crate) spin: u32,
+    pub(crate) spin_adaptive: bool,
     pub(crate) timeout: Duration,
 }
 
@@ -168,6 +169,7 @@ impl ShmLink {
             peer,
             max_message,
         } = seg.into_endpoint(Side::App, app_bell, proxy_bell);
+        waiter.set_spin_adaptive(o.spin_adaptive);
         waiter.set_spin(o.spin);
         // This side waits for answers, never for room (a full ring is
         // waited out by polling): the proxy need not ring when it only

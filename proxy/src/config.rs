@@ -118,6 +118,12 @@ pub struct Shm {
     pub max_message: u64,
     pub backing: String,
     pub spin_us: u64,
+    /// Whether a session's polling time follows its load (whole while
+    /// requests come during the poll, halved each time an idle spell
+    /// outlasts it, none with a probe every few waits once they are long);
+    /// `false` polls `spin_us` before every sleep.
+    #[serde(default = "default_true")]
+    pub spin_adaptive: bool,
     pub max_connections: usize,
     pub max_in_flight: usize,
     /// Bytes the proxy may hold for one connection (forwarded requests in
@@ -132,6 +138,10 @@ pub struct Shm {
     /// io_uring waiter: shm driver threads (0 = runtime.threads).
     #[serde(default)]
     pub drivers: usize,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_max_buffered() -> usize {

@@ -75,6 +75,9 @@ struct Args {
     /// Doorbell spin time in µs (overrides shm.spin_us).
     #[arg(long)]
     spin_us: Option<u64>,
+    /// Poll the whole spin time before every sleep (sets shm.spin_adaptive = false).
+    #[arg(long)]
+    spin_fixed: bool,
     /// How shm sessions wait for doorbells: "auto", "io_uring" or "epoll" (overrides shm.waiter).
     #[arg(long)]
     waiter: Option<String>,
@@ -110,6 +113,9 @@ fn load(args: &Args) -> Result<Config, String> {
     }
     if let Some(s) = args.spin_us {
         cfg.shm.spin_us = s;
+    }
+    if args.spin_fixed {
+        cfg.shm.spin_adaptive = false;
     }
     if let Some(w) = &args.waiter {
         cfg.shm.waiter = w.clone();

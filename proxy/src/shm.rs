@@ -4,9 +4,10 @@
 //! While traffic flows the session makes no syscall per message: it reads
 //! every frame the app published, answers inline where it can (echo),
 //! publishes its answers with one store, and rings the app's doorbell only
-//! if the app said it sleeps. When idle it polls for `spin_us`, then
-//! announces sleep and waits on its eventfd (plus the control socket, for
-//! the app's death, and its completion channels).
+//! if the app said it sleeps. When idle it polls for up to `spin_us` (all of
+//! it while requests come during the poll, less as idle spells outlast it:
+//! `shm.spin_adaptive`), then announces sleep and waits on its eventfd (plus
+//! the control socket, for the app's death, and its completion channels).
 //!
 //! Where the session runs and how it sleeps depends on `shm.waiter`
 //! ([`start_waiter`]):
@@ -852,7 +853,12 @@ impl Session {
     }
 
     async fn run(mut self, waits: Waits, mut shutdown: watch::Receiver<bool>) -> String {
-        let spin = Duration::from_micros(self.sh.cfg.shm.spin_us);
+        // Polling time before a sleep, in µs, following the load
+        // (meshshm_ring::AdaptiveSpin; shm.spin_adaptive).
+        let spin = meshshm_ring::AdaptiveSpin::new(
+            u32::try_from(self.sh.cfg.shm.spin_us).unwrap_or(u32::MAX),
+            self.sh.cfg.shm.spin_adaptive,
+        );
         let mut draining = false;
         // Yield to the other sessions of this worker at most every SLICE:
         // a tokio yield may poll the I/O driver (a syscall), so yielding per
@@ -880,9 +886,11 @@ impl Session {
                 break "shutdown".to_owned();
             }
             // Idle: poll for a while (in slices, yielding between them).
+            let budget = spin.budget();
+            let poll_for = Duration::from_micros(budget.into());
             let t0 = Instant::now();
             let mut woke = false;
-            'spin: while t0.elapsed() < spin {
+            'spin: while t0.elapsed() < poll_for {
                 for _ in 0..64 {
                     if self.has_work() {
                         woke = true;
@@ -896,8 +904,10 @@ impl Session {
                 }
             }
             if woke {
+                spin.hit(t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX), budget);
                 continue;
             }
+            spin.missed(budget);
             // Sleep on the doorbell, the control socket and the channels;
             // woken by the app for room only while answers wait for it.
             self.ep

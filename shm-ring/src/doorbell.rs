@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
+use crate::spin::AdaptiveSpin;
 use crate::sync::{fence, spin_hint, AtomicU32, Ordering};
 
 /// What a sleeper waits for: bits of its wake cell's `sleeping` word.
@@ -152,7 +153,7 @@ impl CellRef {
 pub struct Waiter {
     cell: CellRef,
     bell: Bell,
-    spin: u32,
+    spin: AdaptiveSpin,
     /// What [`Waiter::announce_sleep`] (and so `wait_until`) asks to be
     /// woken for; [`WANT_ANY`] unless set.
     want: u32,
@@ -168,7 +169,9 @@ pub struct Notifier {
     bell: Bell,
 }
 
-/// A waiter/notifier pair on a heap cell (for two threads of one process).
+/// A waiter/notifier pair on a heap cell (for two threads of one process);
+/// the waiter polls up to `spin` times before it sleeps (adaptive, see
+/// [`Waiter::set_spin`]).
 pub fn heap_doorbell(bell: Bell, spin: u32) -> (Waiter, Notifier) {
     let owner = Arc::new(WakeCell::new());
     let cell = NonNull::from(&*owner);
@@ -180,7 +183,7 @@ pub fn heap_doorbell(bell: Bell, spin: u32) -> (Waiter, Notifier) {
         Waiter {
             cell: r.clone(),
             bell: bell.clone(),
-            spin,
+            spin: AdaptiveSpin::new(spin, true),
             want: WANT_ANY,
             epoll: None,
         },
@@ -201,7 +204,7 @@ pub(crate) fn pair_on(
         Waiter {
             cell: r.clone(),
             bell: bell.clone(),
-            spin: 0,
+            spin: AdaptiveSpin::new(0, true),
             want: WANT_ANY,
             epoll: None,
         },
@@ -215,9 +218,18 @@ impl Waiter {
         self.want = want.max(1);
     }
 
-    /// Set how many times [`Waiter::wait_until`] polls before it sleeps (0 = never spin).
+    /// Set how many times [`Waiter::wait_until`] polls at most before it
+    /// sleeps (0 = never spin). The budget adapts (see [`AdaptiveSpin`]):
+    /// whole while waits end during the poll, halved each time one outlasts
+    /// it, none (with a probe now and then) once waits are long.
     pub fn set_spin(&mut self, spin: u32) {
-        self.spin = spin;
+        self.spin = AdaptiveSpin::new(spin, self.spin.adaptive());
+    }
+
+    /// `false`: poll with the whole budget before every sleep, whatever
+    /// the waits did (pure spinning with a large budget). Default `true`.
+    pub fn set_spin_adaptive(&mut self, adaptive: bool) {
+        self.spin = AdaptiveSpin::new(self.spin.max(), adaptive);
     }
 
     /// From now on, block in an epoll set holding the eventfd bell
@@ -260,9 +272,9 @@ impl Waiter {
         Ok(())
     }
 
-    /// The spin budget.
+    /// The largest spin budget.
     pub fn spin(&self) -> u32 {
-        self.spin
+        self.spin.max()
     }
 
     /// The bell (its fd, for an event loop that waits itself).
@@ -408,8 +420,9 @@ impl Waiter {
         }
     }
 
-    /// Wait until `ready()` holds: spin up to the budget, then sleep on the
-    /// bell. `extra` (eventfd bell only) ends the wait when readable.
+    /// Wait until `ready()` holds: poll up to the (adaptive) budget, then
+    /// sleep on the bell. `extra` (eventfd bell only) ends the wait when
+    /// readable.
     ///
     /// # Errors
     /// A failing syscall.
@@ -419,11 +432,16 @@ impl Waiter {
         deadline: Option<Instant>,
         extra: Option<BorrowedFd<'_>>,
     ) -> io::Result<WaitOutcome> {
-        for _ in 0..self.spin {
-            if ready() {
-                return Ok(WaitOutcome::Ready);
+        let budget = self.spin.budget();
+        if budget > 0 {
+            for i in 0..budget {
+                if ready() {
+                    self.spin.hit(i, budget);
+                    return Ok(WaitOutcome::Ready);
+                }
+                spin_hint();
             }
-            spin_hint();
+            self.spin.missed(budget);
         }
         loop {
             if ready() {

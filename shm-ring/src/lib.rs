@@ -42,6 +42,7 @@ mod frame;
 pub mod hostile;
 mod ring;
 mod segment;
+mod spin;
 mod sync;
 #[cfg(all(feature = "uring", target_os = "linux"))]
 pub mod uring;
@@ -57,6 +58,7 @@ pub use frame::{
     wire_len, FrameHeader, FrameKind, HeaderError, FLAG_CONT, FLAG_MORE, FRAME_ALIGN, HEADER_LEN,
 };
 pub use ring::{heap_ring, Consumer, Frame, Grant, Producer, RingCtl, MIN_CAPACITY};
+pub use spin::{AdaptiveSpin, PROBE_EVERY};
 pub use segment::{
     sweep_stale, Backing, Endpoint, Segment, SegmentHeader, SegmentOptions, Side,
     DEFAULT_MAX_MESSAGE, LAYOUT_VERSION, MAGIC, MAX_CAPACITY,
