@@ -24,8 +24,9 @@ use std::time::{Duration, Instant};
 
 use meshshm_proto::{recv_with_fds, send_with_fds, ResponseMeta};
 use meshshm_ring::{
-    write_message, AdaptiveSpin, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind, Notifier, Producer,
-    Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress, DEFAULT_MAX_MESSAGE,
+    write_message, AdaptiveSpin, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind,
+    Notifier, Producer, Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress,
+    DEFAULT_MAX_MESSAGE,
 };
 
 use crate::mux::{Mux, MuxConn, MuxTx};
@@ -165,7 +166,10 @@ fn serve(mut ep: Endpoint, spin: AdaptiveSpin) -> Result<(), String> {
                 std::hint::spin_loop();
             }
             if hit {
-                spin.hit(t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX), budget);
+                spin.hit(
+                    t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX),
+                    budget,
+                );
                 continue;
             }
             spin.missed(budget);

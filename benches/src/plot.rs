@@ -13,10 +13,12 @@ fn color(t: &str) -> &'static str {
     match t {
         "shm-spin" => "#1f77b4",
         "shm-block" => "#2ca02c",
+        "shm-park" => "#98df8a",
         "tcp" => "#d62728",
         "tcp-batch" => "#ff9896",
         "uds" => "#ff7f0e",
         "ring-floor" => "#9467bd",
+        "ring-floor-park" => "#c5b0d5",
         _ => "#8c564b",
     }
 }

@@ -369,7 +369,7 @@ pub fn targets(recs: &[Record], hand_off: Option<&HandOff>) -> String {
         }
         if let Some(t) = find("tcp", mode, KIB, 1) {
             let x = vs(b, b.cpu_vs_tcp, &|r| r.cpu_us_per_req, t);
-            let bound = match hand_off {
+            let mut bound = match hand_off {
                 Some(h) => format!(
                     "; a bare hand-off round trip alone costs {} µs = {:.2}x",
                     fmt_num(h.cpu_us_per_rt),
@@ -377,6 +377,13 @@ pub fn targets(recs: &[Record], hand_off: Option<&HandOff>) -> String {
                 ),
                 None => String::new(),
             };
+            if let Some(f) = find("ring-floor-block", mode, KIB, 1) {
+                let _ = write!(
+                    bound,
+                    "; ring-floor-block {:.2}x",
+                    vs(f, f.cpu_vs_tcp, &|r| r.cpu_us_per_req, t)
+                );
+            }
             line(
                 x <= 0.5,
                 format!(
@@ -386,6 +393,26 @@ pub fn targets(recs: &[Record], hand_off: Option<&HandOff>) -> String {
                 ),
             );
         }
+    }
+    // The blocking pair without its polling (every wait a doorbell): what
+    // the adaptive poll saves, and what a wake-up costs on this machine.
+    let mut refs = String::new();
+    for mode in ["closed", "open"] {
+        let (Some(p), Some(t)) = (find("shm-park", mode, KIB, 1), find("tcp", mode, KIB, 1)) else {
+            continue;
+        };
+        let floor = find("ring-floor-park", mode, KIB, 1)
+            .map(|f| format!(" ({:.2}x ring-floor-park)", p.p50_us / f.p50_us))
+            .unwrap_or_default();
+        let uds = find("uds", mode, KIB, 1)
+            .map(|u| format!(", uds {} µs", fmt_num(u.p50_us)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            refs,
+            "  [ref ] 1 KiB, 1 in flight, doorbells only (shm-park), {mode}: p50 {} µs{floor}{uds}; CPU/req {:.2}x tcp",
+            fmt_num(p.p50_us),
+            vs(p, p.cpu_vs_tcp, &|r| r.cpu_us_per_req, t)
+        );
     }
     let cmax = recs
         .iter()
@@ -440,5 +467,6 @@ pub fn targets(recs: &[Record], hand_off: Option<&HandOff>) -> String {
             }
         }
     }
+    s.push_str(&refs);
     s
 }

@@ -124,9 +124,22 @@ fn compare_writes_sane_json_and_plot_and_cleans_up() {
         "ring-floor",
         "ring-floor-block",
     ];
-    // 2 sizes × 2 concurrencies closed + 1 open cell, per transport; and
-    // tcp-batch's many-in-flight cells (one in flight would repeat tcp's).
-    assert_eq!(recs.len(), want.len() * 5 + 2, "{text}");
+    // 2 sizes × 2 concurrencies closed + 1 open cell, per transport;
+    // tcp-batch's many-in-flight cells (one in flight would repeat tcp's);
+    // the doorbell-only pair's one-in-flight cells.
+    assert_eq!(recs.len(), want.len() * 5 + 2 + 2 * 3, "{text}");
+    for t in ["shm-park", "ring-floor-park"] {
+        for (mode, size) in [("closed", 64), ("closed", 4096), ("open", 64)] {
+            assert!(
+                recs.iter().any(|r| r["transport"] == t
+                    && r["mode"] == mode
+                    && r["size"] == size
+                    && r["concurrency"] == 1
+                    && r["p50_us"].as_f64().is_some_and(|x| x > 0.0)),
+                "no {t} record for {mode} {size} B x1: {text}"
+            );
+        }
+    }
     for size in [64, 4096] {
         assert!(
             recs.iter().any(|r| r["transport"] == "tcp-batch"

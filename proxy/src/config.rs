@@ -324,6 +324,10 @@ mod tests {
             c.tcp_addr().unwrap(),
             Some("127.0.0.1:15001".parse().unwrap())
         );
+        assert!(c.shm.spin_adaptive && c.shm.spin_us > 0);
+        // A config written before the setting keeps the adaptive default.
+        let old = DEFAULT.replace("spin_adaptive = true\n", "");
+        assert!(Config::parse(&old).unwrap().shm.spin_adaptive);
     }
 
     #[test]

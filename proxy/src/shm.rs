@@ -904,7 +904,10 @@ impl Session {
                 }
             }
             if woke {
-                spin.hit(t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX), budget);
+                spin.hit(
+                    t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX),
+                    budget,
+                );
                 continue;
             }
             spin.missed(budget);

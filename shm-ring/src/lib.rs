@@ -58,8 +58,8 @@ pub use frame::{
     wire_len, FrameHeader, FrameKind, HeaderError, FLAG_CONT, FLAG_MORE, FRAME_ALIGN, HEADER_LEN,
 };
 pub use ring::{heap_ring, Consumer, Frame, Grant, Producer, RingCtl, MIN_CAPACITY};
-pub use spin::{AdaptiveSpin, PROBE_EVERY};
 pub use segment::{
     sweep_stale, Backing, Endpoint, Segment, SegmentHeader, SegmentOptions, Side,
     DEFAULT_MAX_MESSAGE, LAYOUT_VERSION, MAGIC, MAX_CAPACITY,
 };
+pub use spin::{AdaptiveSpin, PROBE_EVERY};

@@ -138,7 +138,10 @@ mod tests {
         let budgets: Vec<u32> = (0..2 * PROBE_EVERY).map(|_| s.budget()).collect();
         let probes = budgets.iter().filter(|&&b| b == 160).count();
         assert_eq!(probes, 2);
-        assert_eq!(budgets.iter().filter(|&&b| b == 0).count(), budgets.len() - 2);
+        assert_eq!(
+            budgets.iter().filter(|&&b| b == 0).count(),
+            budgets.len() - 2
+        );
         assert_eq!(budgets[PROBE_EVERY as usize - 1], 160);
     }
 

@@ -54,3 +54,50 @@ fn futex_bells_cannot_watch() {
     let (a, _b) = UnixStream::pair().unwrap();
     assert!(waiter.watch(a.as_fd()).is_err());
 }
+
+/// CPU time this thread has run (ns), from `/proc/thread-self/schedstat`.
+fn thread_cpu_ns() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+    s.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// This thread's CPU for 20 waits of 20 ms each, polling up to 100 000
+/// times (1..5 ms, by the CPU's pause) before sleeping.
+fn cpu_of_long_waits(adaptive: bool) -> u64 {
+    let (mut waiter, notifier) = heap_doorbell(Bell::Futex, 0);
+    waiter.set_spin_adaptive(adaptive);
+    waiter.set_spin(100_000);
+    assert_eq!(waiter.spin(), 100_000);
+    let flag = Arc::new(AtomicU32::new(0));
+    let f2 = flag.clone();
+    let h = std::thread::spawn(move || {
+        for i in 1..=20 {
+            std::thread::sleep(Duration::from_millis(20));
+            f2.store(i, Ordering::Release);
+            notifier.notify();
+        }
+    });
+    let before = thread_cpu_ns();
+    for i in 1..=20 {
+        let out = waiter
+            .wait_until(|| flag.load(Ordering::Acquire) >= i, None, None)
+            .unwrap();
+        assert_eq!(out, WaitOutcome::Ready);
+    }
+    let cpu = thread_cpu_ns() - before;
+    h.join().unwrap();
+    cpu
+}
+
+#[test]
+fn adaptive_spin_stops_polling_when_waits_outlast_it() {
+    // Fixed: 20 whole budgets. Adaptive: a whole, a half, a quarter, an
+    // eighth, a sixteenth, then one probe in 16 waits.
+    let fixed = cpu_of_long_waits(false);
+    let adaptive = cpu_of_long_waits(true);
+    eprintln!("waiter CPU for 20 waits of 20 ms: fixed {fixed} ns, adaptive {adaptive} ns");
+    assert!(
+        adaptive * 3 < fixed,
+        "adaptive {adaptive} ns is not well below fixed {fixed} ns"
+    );
+}

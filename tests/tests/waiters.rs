@@ -239,3 +239,63 @@ fn auto_falls_back_to_epoll_where_io_uring_is_refused() {
         }
     }
 }
+
+/// CPU time the process's threads have run, from their
+/// `/proc/PID/task/TID/schedstat` (ns; a thread that ended meanwhile is
+/// not counted).
+fn cpu_ns(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// The proxy's CPU for 40 echo calls 5 ms apart, each session polling up
+/// to 2 ms before it sleeps, adaptive or not.
+fn trickle_cpu(fixed: bool) -> u64 {
+    let mut args = vec![
+        "--admin".to_owned(),
+        "off".into(),
+        "--spin-us".into(),
+        "2000".into(),
+    ];
+    if fixed {
+        args.push("--spin-fixed".into());
+    }
+    let p = Proxy::start_with(ProxyOpts {
+        args,
+        ..Default::default()
+    });
+    let c = meshshm::Client::with_options(meshshm::ClientOptions {
+        socket: Some(p.socket.clone()),
+        spin: 0,
+        ..Default::default()
+    })
+    .expect("connect");
+    let call = meshshm::Call::new("echo", "Echo", b"trickle");
+    c.invoke(&call).expect("first call");
+    std::thread::sleep(Duration::from_millis(20));
+    let before = cpu_ns(p.pid());
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(5));
+        let r = c.invoke(&call).expect("echo");
+        assert_eq!(r.body, b"trickle");
+    }
+    cpu_ns(p.pid()) - before
+}
+
+#[test]
+fn adaptive_polling_stops_for_a_trickle_of_requests() {
+    // Fixed: every idle spell polls the whole 2 ms (about 80 ms in all).
+    // Adaptive: 2 + 1 + 0.5 + 0.25 + 0.125 ms, then one 2 ms probe every
+    // 16 waits (about 9 ms in all), whatever the machine.
+    let fixed = trickle_cpu(true);
+    let adaptive = trickle_cpu(false);
+    eprintln!("proxy CPU for 40 calls 5 ms apart: fixed {fixed} ns, adaptive {adaptive} ns");
+    assert!(fixed >= 40_000_000, "fixed polling ran only {fixed} ns");
+    assert!(
+        adaptive * 3 < fixed,
+        "adaptive {adaptive} ns is not well below fixed {fixed} ns"
+    );
+}
