@@ -399,7 +399,10 @@ fn pipelined(backend: &Backend, plan: &Plan, mut p: meshshm::Pipeline) -> Result
             let call = meshshm::Call::new(SERVICE, METHOD, slot.body.next());
             match p.send(&call).map_err(|e| e.to_string())? {
                 Some(id) => {
-                    slot.sent = Instant::now();
+                    // From before the batch of sends: a call's latency
+                    // includes its send (as a blocking call's does) and the
+                    // sends before it in the batch, with one clock read.
+                    slot.sent = now;
                     by_id.insert(id, s);
                     idle.pop();
                 }
