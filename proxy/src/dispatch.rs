@@ -105,7 +105,9 @@ pub struct Inbound<'a> {
 }
 
 /// Route one request: the `[access.call]` uid rules, then governance
-/// (access rules, attribute routing, overload; crate::gov), then the route.
+/// (access rules, attribute routing, overload; crate::gov), then the route
+/// (skipped for a service this session's calls already showed to be a
+/// plain echo under the current configuration: `Governor::echo_known`).
 /// Its metrics are partly counted in `tally`: the caller adds them to the
 /// shared ones (`Governor::flush`) before its answers go out.
 pub fn handle_request(
@@ -134,6 +136,9 @@ pub fn handle_request(
             ))
         }
     };
+    if sh.gov.echo_known(tally, m.service, t0) {
+        return Outcome::Echo;
+    }
     let uid = peer.uid;
     let decision = if !sh.router.may_call(uid, m.service) {
         tracing::debug!(

@@ -389,6 +389,10 @@ fn parse_dest(s: &str, c: &Config) -> Result<DestSpec, String> {
 #[derive(Default)]
 pub struct Tally {
     svc: Option<(Arc<SvcState>, Transport)>,
+    /// `svc` is this service, and under configuration generation `.1` its
+    /// calls from this session are answered by echo with no policy to
+    /// apply ([`Governor::echo_known`]); `.2` says whether it holds.
+    echo: (String, u64, bool),
     requests: u64,
     ok: u64,
     latency: crate::metrics::LocalHist,
@@ -403,6 +407,7 @@ impl Tally {
             _ => {
                 self.flush(m);
                 self.svc = Some((st.clone(), tr));
+                self.echo.2 = false;
             }
         }
     }
@@ -863,6 +868,10 @@ pub struct Governor {
     host_cpu: AtomicU64,
     /// The admin port's address ("" = off), from the start configuration.
     pub admin: String,
+    /// Bumped after each reload (routes, uid rules and policies swapped
+    /// in): what a session remembers of a decision ([`Tally`]'s echo) holds
+    /// only for the generation it was made in.
+    generation: AtomicU64,
 }
 
 /// Service name → state. Hashed with FNV-1a: the names are short and this
@@ -904,6 +913,7 @@ impl Governor {
             states_lock: Mutex::new(()),
             host_cpu: AtomicU64::new(0f64.to_bits()),
             admin: cfg.admin.listen.clone(),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -915,6 +925,28 @@ impl Governor {
             st.policy.store(policy_for(&gov, name));
         }
         self.gov.store(gov);
+        // (The caller swapped the routes and uid rules in before: reload.rs.)
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// A call to `service` that this session's earlier calls showed to be
+    /// a plain echo (allowed by the uid rules, no policy, routed to echo)
+    /// under the current configuration: counted in `tally`, and `true`
+    /// (answer it by echo). `false`: go through the uid rules and
+    /// [`Governor::decide`]. (Those cost ~0.1 µs a call, a sixth of the
+    /// proxy's work on a 1 KiB echo.)
+    pub fn echo_known(&self, tally: &mut Tally, service: &str, t0: Instant) -> bool {
+        let (name, generation, holds) = &tally.echo;
+        if !(*holds
+            && *generation == self.generation.load(Ordering::Acquire)
+            && name.as_str() == service)
+        {
+            return false;
+        }
+        tally.requests += 1;
+        tally.latency.observe(t0.elapsed());
+        tally.ok += 1;
+        true
     }
 
     pub fn set_host_cpu(&self, v: f64) {
@@ -1268,6 +1300,9 @@ impl Governor {
         headers: HeaderIter<'_>,
         t0: Instant,
     ) -> Decision {
+        // Before any configuration is read: a reload from now on makes
+        // what is remembered below stale.
+        let generation = self.generation.load(Ordering::Acquire);
         let states = self.states.load();
         let owned;
         let st: &Arc<SvcState> = match states.get(service) {
@@ -1362,6 +1397,15 @@ impl Governor {
                 // upstream's answer.
                 tally.latency.observe(t0.elapsed());
                 tally.ok += 1;
+                if pol.is_none() {
+                    // Nothing here depended on the method, the headers or
+                    // the priority: remember it for the next calls.
+                    let e = &mut tally.echo;
+                    e.0.clear();
+                    e.0.push_str(service);
+                    e.1 = generation;
+                    e.2 = true;
+                }
                 return Decision::Echo;
             }
             Route::NotFound if ep.is_none() => {

@@ -245,6 +245,23 @@ fn reload_on_sighup_and_file_change_and_bad_config_refused() {
         .contains("configuration reload refused")));
     assert_eq!(invoke(&c, "late", 1, &[]), status::OK);
     assert!(p.log_text().contains("routes.late"), "{}", p.log_text());
+    // Access rules for a service this session has called (the proxy
+    // remembers a plain echo per session: a reload must end that).
+    std::fs::write(
+        &cfg,
+        format!(
+            "{good}late = \"echo\"\n[[access.rules]]\nservices = [\"late\"]\n\
+             identities = [\"checkout\"]\nmode = \"enforce\"\n"
+        ),
+    )
+    .unwrap();
+    signal(p.pid(), libc::SIGHUP);
+    assert!(
+        eventually(T, || invoke(&c, "late", 1, &[])
+            == status::PERMISSION_DENIED),
+        "access rules not applied to a remembered echo:\n{}",
+        p.log_text()
+    );
     // File change alone (mtime poll): the route goes away.
     std::thread::sleep(Duration::from_millis(50));
     std::fs::write(&cfg, &good).unwrap();
