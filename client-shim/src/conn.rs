@@ -48,6 +48,13 @@ pub(crate) trait Link: Send + Sync + 'static {
     /// none (the caller reads responses meanwhile: the room it waits for may
     /// depend on them, and its thread may be the one that reads them).
     fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()>;
+    /// As [`Link::send`] if no other thread is sending now, else `None`
+    /// (nothing sent): for a caller that holds the receive side, which
+    /// must not wait for the send side (its holder may be waiting for room
+    /// that only reading makes). Default: always `None`.
+    fn send_if_free(&self, _m: Out<'_>, _idle: &mut dyn FnMut()) -> Option<Result<()>> {
+        None
+    }
     fn try_rx(&self) -> Option<MutexGuard<'_, Self::Rx>>;
     fn rx(&self) -> MutexGuard<'_, Self::Rx>;
     fn drain(
@@ -128,6 +135,9 @@ impl Link for ShmLink {
     }
     fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
         ShmLink::send(self, m, idle)
+    }
+    fn send_if_free(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Option<Result<()>> {
+        ShmLink::send_if_free(self, m, idle)
     }
     fn try_rx(&self) -> Option<MutexGuard<'_, RxState>> {
         ShmLink::try_rx(self)
@@ -234,6 +244,14 @@ pub(crate) trait AnyConn: Send + Sync {
     /// Whether the proxy is known gone (a syscall: call it sparingly). If
     /// so, calls in flight fail now.
     fn peer_closed(&self) -> bool;
+}
+
+/// How a call made holding the receive side failed: sending its request
+/// (a full ring waited out, a message too large: the connection may live
+/// on) or reading (the connection is lost).
+enum SoloError {
+    Send(Error),
+    Link(Error),
 }
 
 const READER_CALLERS: u8 = 0;
@@ -462,6 +480,159 @@ impl<L: Link> Conn<L> {
         }
     }
 
+    /// A blocking call made holding the receive side `rx`: its request is
+    /// sent and its response read by this thread, delivering any other
+    /// caller's responses on the way (as a leader does); then the receive
+    /// side goes to a waiting caller, if any.
+    /// `None` (nothing sent): another thread is sending, make the call the
+    /// usual way.
+    fn invoke_leading(
+        &self,
+        mut rx: MutexGuard<'_, L::Rx>,
+        call: &Call<'_>,
+    ) -> Option<Result<Response>> {
+        if let Some(r) = self.core.dead() {
+            return Some(Err(Error::ProxyGone(r.clone())));
+        }
+        let deadline = call.timeout.map(|t| Instant::now() + t);
+        let id = self.core.solo_id();
+        let mut mine: Option<Result<Response>> = None;
+        let res = self.lead_solo(&mut rx, call, id, deadline, &mut mine);
+        drop(rx);
+        self.core.solo_done();
+        self.core.handoff();
+        let res = res?;
+        let lost = |e: Error| {
+            // As for a leader's error: the connection ends, every call in
+            // flight (this one too) fails with the same reason.
+            let reason = match &e {
+                Error::ProxyGone(r) => r.clone(),
+                other => other.to_string(),
+            };
+            self.fail(e);
+            Error::ProxyGone(reason)
+        };
+        Some(match res {
+            Ok(true) => mine.unwrap_or_else(|| Err(Error::Protocol("no response".into()))),
+            Ok(false) => {
+                // Timed out (a late response for `id` is dropped: it is in
+                // no table). The Cancel goes with the receive side free, so
+                // that a send waiting for room can have responses read.
+                if self.core.dead().is_none() {
+                    let _ = self
+                        .link
+                        .send(Out::empty(FrameKind::Cancel, id), &mut || self.pump_now());
+                }
+                Err(Error::Timeout(call.timeout.unwrap_or_default()))
+            }
+            Err(SoloError::Send(e)) => {
+                if matches!(e, Error::ProxyGone(_)) {
+                    Err(lost(e))
+                } else {
+                    Err(e)
+                }
+            }
+            Err(SoloError::Link(e)) => Err(lost(e)),
+        })
+    }
+
+    /// Send call `id` and read until its response is in `mine` (`true`) or
+    /// the deadline passes (`false`); `None` if another thread is sending.
+    fn lead_solo(
+        &self,
+        rx: &mut L::Rx,
+        call: &Call<'_>,
+        id: u64,
+        deadline: Option<Instant>,
+        mine: &mut Option<Result<Response>>,
+    ) -> Option<std::result::Result<bool, SoloError>> {
+        let timeout_ms = call
+            .timeout
+            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
+        let mut taken_in: Result<()> = Ok(());
+        let sent = META.with(|meta| {
+            let mut meta = meta.borrow_mut();
+            meta.clear();
+            RequestMeta::encode(
+                &mut meta,
+                call.service,
+                call.method,
+                timeout_ms,
+                call.priority,
+                call.headers,
+            );
+            let out = Out {
+                kind: FrameKind::Request,
+                id,
+                meta: &meta,
+                body: call.body,
+            };
+            // Waiting for room: read what came meanwhile (the proxy may
+            // need room for its answers before it reads on).
+            let idle = &mut || {
+                if taken_in.is_ok() {
+                    let on = &mut |m: &Message<'_>| self.solo_dispatch(id, m, mine);
+                    taken_in = (|| {
+                        while self.link.receive_now(rx)? {
+                            self.link.drain(rx, on)?;
+                        }
+                        self.link.drain(rx, on).map(|_| ())
+                    })();
+                }
+            };
+            self.link.send_if_free(out, idle)
+        })?;
+        Some(self.read_solo(rx, id, deadline, mine, sent, taken_in))
+    }
+
+    fn read_solo(
+        &self,
+        rx: &mut L::Rx,
+        id: u64,
+        deadline: Option<Instant>,
+        mine: &mut Option<Result<Response>>,
+        sent: Result<()>,
+        taken_in: Result<()>,
+    ) -> std::result::Result<bool, SoloError> {
+        sent.map_err(SoloError::Send)?;
+        taken_in.map_err(SoloError::Link)?;
+        loop {
+            self.link
+                .drain(rx, &mut |m| self.solo_dispatch(id, m, mine))
+                .map_err(SoloError::Link)?;
+            if mine.is_some() {
+                return Ok(true);
+            }
+            if self.closing.load(Ordering::Acquire) {
+                return Err(SoloError::Link(Error::ProxyGone(
+                    "the connection was closed".into(),
+                )));
+            }
+            if self.link.wait(rx, deadline).map_err(SoloError::Link)? == WaitOutcome::TimedOut {
+                // (What came with the deadline is taken first.)
+                self.link
+                    .drain(rx, &mut |m| self.solo_dispatch(id, m, mine))
+                    .map_err(SoloError::Link)?;
+                return Ok(mine.is_some());
+            }
+        }
+    }
+
+    /// The solo call's response goes to `mine`, others' to their callers.
+    fn solo_dispatch(
+        &self,
+        id: u64,
+        m: &Message<'_>,
+        mine: &mut Option<Result<Response>>,
+    ) -> Result<()> {
+        if m.kind == FrameKind::Response && m.stream_id == id {
+            *mine = Some(parse_response(m));
+            Ok(())
+        } else {
+            self.dispatch(m)
+        }
+    }
+
     /// Register a call and send its request; with `wait` false, give up
     /// (unregistered, `None`) if the ring has no room for it now.
     fn start_or_not(
@@ -568,6 +739,16 @@ impl<L: Link> AnyConn for Conn<L> {
     }
 
     fn invoke(&self, call: &Call<'_>) -> Result<Response> {
+        // Nobody reading responses now (one thread calling, the usual
+        // case): read ours ourselves, with no slot to register, complete
+        // and take, and no thread handle.
+        if self.reader.load(Ordering::Acquire) == READER_CALLERS {
+            if let Some(rx) = self.link.try_rx() {
+                if let Some(r) = self.invoke_leading(rx, call) {
+                    return r;
+                }
+            }
+        }
         let deadline = call.timeout.map(|t| Instant::now() + t);
         let (id, slot) = self.start(call, Notify::Thread(std::thread::current()))?;
         loop {

@@ -3,7 +3,7 @@
 //! themselves read responses (no reader thread, no extra hop) — one of them
 //! at a time leads and delivers the others' responses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::Waker;
 use std::thread::Thread;
@@ -127,6 +127,11 @@ impl Table {
 /// The in-flight table of one connection.
 pub(crate) struct Core {
     pending: Mutex<Table>,
+    /// A call in flight outside the table: made by the thread that holds
+    /// the receive side ([`Core::solo_id`]); 0 or 1.
+    solo: AtomicUsize,
+    /// Generation of the ids of such calls.
+    solo_generation: AtomicU32,
     dead: OnceLock<String>,
     goaway: AtomicBool,
     /// Async callers waiting for room in the ring to send their request.
@@ -141,6 +146,8 @@ impl Core {
                 slots: Slab::new(),
                 generation: 0,
             }),
+            solo: AtomicUsize::new(0),
+            solo_generation: AtomicU32::new(0),
             dead: OnceLock::new(),
             goaway: AtomicBool::new(false),
             #[cfg(feature = "tokio")]
@@ -170,7 +177,8 @@ impl Core {
         t.generation = t.generation.checked_add(1).unwrap_or(1);
         let generation = t.generation;
         let entry = t.slots.vacant_entry();
-        let Ok(key) = u32::try_from(entry.key()) else {
+        // (Key u32::MAX is the solo call's: Core::solo_id.)
+        let Some(key) = u32::try_from(entry.key()).ok().filter(|&k| k != u32::MAX) else {
             return Err(Error::InvalidArgument(
                 "more than 2^32 calls in flight on one connection".into(),
             ));
@@ -227,7 +235,25 @@ impl Core {
     }
 
     pub(crate) fn in_flight(&self) -> usize {
-        self.table().slots.len()
+        self.table().slots.len() + self.solo.load(Ordering::Acquire)
+    }
+
+    /// An id for a call whose response the caller reads itself, holding
+    /// the receive side: it is not in the table (no slot to complete), so
+    /// its key is one the table never gives out (`u32::MAX`), and its
+    /// generation its own. One such call at a time (the receive side is
+    /// held throughout); `done` ends it ([`Core::solo_done`]).
+    pub(crate) fn solo_id(&self) -> u64 {
+        let g = self
+            .solo_generation
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        self.solo.store(1, Ordering::Release);
+        (u64::from(g) << 32) | u64::from(u32::MAX)
+    }
+
+    pub(crate) fn solo_done(&self) {
+        self.solo.store(0, Ordering::Release);
     }
 }
 

@@ -208,10 +208,24 @@ impl ShmLink {
     /// goes away meanwhile.
     pub(crate) fn send(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
         check_size(m.len(), self.max_message)?;
-        let mut tx = self.lock_tx();
-        self.write_all(&mut tx, idle, |me, tx| me.write_owed(tx))?;
+        self.send_held(&mut self.lock_tx(), m, idle)
+    }
+
+    /// Send with the send side held: what is owed first, then `m`.
+    fn send_held(&self, tx: &mut Tx, m: Out<'_>, idle: &mut dyn FnMut()) -> Result<()> {
+        self.write_all(tx, idle, |me, tx| me.write_owed(tx))?;
         let mut progress = WriteProgress { sent: 0 };
-        self.write_all(&mut tx, idle, |me, tx| me.write_some(tx, m, &mut progress))
+        self.write_all(tx, idle, |me, tx| me.write_some(tx, m, &mut progress))
+    }
+
+    /// As [`ShmLink::send`] if no other thread holds the send side now,
+    /// else `None` (nothing sent; see `Link::send_if_free`).
+    pub(crate) fn send_if_free(&self, m: Out<'_>, idle: &mut dyn FnMut()) -> Option<Result<()>> {
+        if let Err(e) = check_size(m.len(), self.max_message) {
+            return Some(Err(e));
+        }
+        let mut tx = try_lock(&self.tx)?;
+        Some(self.send_held(&mut tx, m, idle))
     }
 
     /// As [`ShmLink::send`], but if there is no room for any of the message
