@@ -270,6 +270,23 @@ pub(crate) struct Conn<L: Link> {
     reader: AtomicU8,
 }
 
+/// `call`'s request metadata into `buf` (cleared first); its timeout
+/// travels in whole milliseconds, at least 1.
+pub(crate) fn encode_request_meta(buf: &mut Vec<u8>, call: &Call<'_>) {
+    let timeout_ms = call
+        .timeout
+        .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
+    buf.clear();
+    RequestMeta::encode(
+        buf,
+        call.service,
+        call.method,
+        timeout_ms,
+        call.priority,
+        call.headers,
+    );
+}
+
 thread_local! {
     static META: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -434,10 +451,20 @@ impl<L: Link> Conn<L> {
     /// Take in what has arrived (without blocking) and deliver every whole
     /// response in it.
     fn deliver_arrived(&self, rx: &mut L::Rx) -> Result<()> {
+        self.take_in(rx, &mut |m| self.dispatch(m))
+    }
+
+    /// Take in what has arrived (without blocking) and hand every whole
+    /// message in it to `on`.
+    fn take_in(
+        &self,
+        rx: &mut L::Rx,
+        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+    ) -> Result<()> {
         while self.link.receive_now(rx)? {
-            self.link.drain(rx, &mut |m| self.dispatch(m))?;
+            self.link.drain(rx, &mut *on)?;
         }
-        self.link.drain(rx, &mut |m| self.dispatch(m))?;
+        self.link.drain(rx, on)?;
         Ok(())
     }
 
@@ -502,16 +529,9 @@ impl<L: Link> Conn<L> {
         self.core.solo_done();
         self.core.handoff();
         let res = res?;
-        let lost = |e: Error| {
-            // As for a leader's error: the connection ends, every call in
-            // flight (this one too) fails with the same reason.
-            let reason = match &e {
-                Error::ProxyGone(r) => r.clone(),
-                other => other.to_string(),
-            };
-            self.fail(e);
-            Error::ProxyGone(reason)
-        };
+        // As for a leader's error: the connection ends, every call in
+        // flight (this one too) fails with the same reason.
+        let lost = |e: Error| Error::ProxyGone(self.fail(e));
         Some(match res {
             Ok(true) => mine.unwrap_or_else(|| Err(Error::Protocol("no response".into()))),
             Ok(false) => {
@@ -546,21 +566,10 @@ impl<L: Link> Conn<L> {
         deadline: Option<Instant>,
         mine: &mut Option<Result<Response>>,
     ) -> Option<std::result::Result<bool, SoloError>> {
-        let timeout_ms = call
-            .timeout
-            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
         let mut taken_in: Result<()> = Ok(());
         let sent = META.with(|meta| {
             let mut meta = meta.borrow_mut();
-            meta.clear();
-            RequestMeta::encode(
-                &mut meta,
-                call.service,
-                call.method,
-                timeout_ms,
-                call.priority,
-                call.headers,
-            );
+            encode_request_meta(&mut meta, call);
             let out = Out {
                 kind: FrameKind::Request,
                 id,
@@ -571,13 +580,7 @@ impl<L: Link> Conn<L> {
             // need room for its answers before it reads on).
             let idle = &mut || {
                 if taken_in.is_ok() {
-                    let on = &mut |m: &Message<'_>| self.solo_dispatch(id, m, mine);
-                    taken_in = (|| {
-                        while self.link.receive_now(rx)? {
-                            self.link.drain(rx, on)?;
-                        }
-                        self.link.drain(rx, on).map(|_| ())
-                    })();
+                    taken_in = self.take_in(rx, &mut |m| self.solo_dispatch(id, m, mine));
                 }
             };
             self.link.send_if_free(out, idle)
@@ -649,20 +652,9 @@ impl<L: Link> Conn<L> {
             _ => Rest::Wait,
         };
         let (id, slot) = self.core.register(notify)?;
-        let timeout_ms = call
-            .timeout
-            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
         let sent = META.with(|m| {
             let mut m = m.borrow_mut();
-            m.clear();
-            RequestMeta::encode(
-                &mut m,
-                call.service,
-                call.method,
-                timeout_ms,
-                call.priority,
-                call.headers,
-            );
+            encode_request_meta(&mut m, call);
             let idle = &mut || self.pump_now();
             let out = Out {
                 kind: FrameKind::Request,
@@ -692,13 +684,16 @@ impl<L: Link> Conn<L> {
         }
     }
 
-    fn fail(&self, e: Error) {
+    /// End the connection: every call in flight fails with the reason,
+    /// which is returned.
+    fn fail(&self, e: Error) -> String {
         let reason = match e {
             Error::ProxyGone(r) => r,
             other => other.to_string(),
         };
         tracing::warn!(transport = self.link.name(), %reason, "meshshm connection lost");
         self.core.kill(&reason);
+        reason
     }
 }
 

@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use meshshm_proto::{status, HeaderIter, RequestMeta, ResponseMeta};
+use meshshm_proto::{status, HeaderIter, ResponseMeta};
 use meshshm_ring::{FrameKind, Message};
 use slab::Slab;
 
@@ -386,19 +386,8 @@ impl<L: Link> Driven for Pipe<L> {
             ));
         }
         let id = self.ids.add()?;
-        let timeout_ms = call
-            .timeout
-            .map_or(0, |t| t.as_millis().clamp(1, u32::MAX as u128) as u32);
         let mut meta = std::mem::take(&mut self.meta);
-        meta.clear();
-        RequestMeta::encode(
-            &mut meta,
-            call.service,
-            call.method,
-            timeout_ms,
-            call.priority,
-            call.headers,
-        );
+        crate::conn::encode_request_meta(&mut meta, call);
         let out = Out {
             kind: FrameKind::Request,
             id,

@@ -389,10 +389,8 @@ fn parse_dest(s: &str, c: &Config) -> Result<DestSpec, String> {
 #[derive(Default)]
 pub struct Tally {
     svc: Option<(Arc<SvcState>, Transport)>,
-    /// `svc` is this service, and under configuration generation `.1` its
-    /// calls from this session are answered by echo with no policy to
-    /// apply ([`Governor::echo_known`]); `.2` says whether it holds.
-    echo: (String, u64, bool),
+    /// What this session knows to be a plain echo ([`Governor::echo_known`]).
+    echo: KnownEcho,
     requests: u64,
     ok: u64,
     latency: crate::metrics::LocalHist,
@@ -407,7 +405,7 @@ impl Tally {
             _ => {
                 self.flush(m);
                 self.svc = Some((st.clone(), tr));
-                self.echo.2 = false;
+                self.echo.holds = false;
             }
         }
     }
@@ -423,6 +421,17 @@ impl Tally {
         }
         self.latency.flush_into(&pt.latency);
     }
+}
+
+/// A service whose calls from one session are answered by echo with no
+/// policy to apply, under configuration generation `generation` (and it is
+/// the service the session's [`Tally`] counts for); `holds` says whether
+/// this is known at all.
+#[derive(Default)]
+struct KnownEcho {
+    service: String,
+    generation: u64,
+    holds: bool,
 }
 
 /// The transport a session came on (a metrics label).
@@ -936,10 +945,10 @@ impl Governor {
     /// [`Governor::decide`]. (Those cost ~0.1 µs a call, a sixth of the
     /// proxy's work on a 1 KiB echo.)
     pub fn echo_known(&self, tally: &mut Tally, service: &str, t0: Instant) -> bool {
-        let (name, generation, holds) = &tally.echo;
-        if !(*holds
-            && *generation == self.generation.load(Ordering::Acquire)
-            && name.as_str() == service)
+        let e = &tally.echo;
+        if !(e.holds
+            && e.generation == self.generation.load(Ordering::Acquire)
+            && e.service == service)
         {
             return false;
         }
@@ -1401,10 +1410,10 @@ impl Governor {
                     // Nothing here depended on the method, the headers or
                     // the priority: remember it for the next calls.
                     let e = &mut tally.echo;
-                    e.0.clear();
-                    e.0.push_str(service);
-                    e.1 = generation;
-                    e.2 = true;
+                    e.service.clear();
+                    e.service.push_str(service);
+                    e.generation = generation;
+                    e.holds = true;
                 }
                 return Decision::Echo;
             }
