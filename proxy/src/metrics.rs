@@ -145,19 +145,26 @@ impl EncodeMetric for Hist {
 const FILL_BOUNDS: [f64; 9] = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
 
 /// How often a worker thread samples the rings of the session it services:
-/// every FILL_EVERY-th pass (no clock read, no shared counter).
+/// one pass in FILL_EVERY on average (no clock read, no shared counter).
 const FILL_EVERY: u32 = 64;
 
 thread_local! {
-    static FILL_TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// xorshift32 state (never 0).
+    static FILL_TICK: std::cell::Cell<u32> = const { std::cell::Cell::new(0x9e37_79b9) };
 }
 
-/// Whether this pass of a session should sample its ring fill.
+/// Whether this pass of a session should sample its ring fill. Chosen at
+/// random rather than every FILL_EVERY-th pass: with one request in flight
+/// a session's passes alternate (one finds the request, the next finds
+/// nothing), and a fixed even stride then samples only one kind.
 pub fn fill_due() -> bool {
     FILL_TICK.with(|c| {
-        let n = c.get().wrapping_add(1);
-        c.set(n);
-        n % FILL_EVERY == 0
+        let mut x = c.get();
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        c.set(x);
+        x % FILL_EVERY == 0
     })
 }
 
