@@ -18,14 +18,14 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshshm_proto::{recv_with_fds, send_with_fds, ResponseMeta};
 use meshshm_ring::{
-    write_message, AdaptiveSpin, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind,
-    Notifier, Producer, Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress,
+    write_message, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind, IdlePoll, Notifier,
+    Producer, Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress,
     DEFAULT_MAX_MESSAGE,
 };
 
@@ -86,7 +86,7 @@ fn child(connect: &Path) -> Result<(), String> {
             ));
         }
         let spin_us = u64::from_le_bytes(b[4..12].try_into().expect("8"));
-        let spin = AdaptiveSpin::new(u32::try_from(spin_us).unwrap_or(u32::MAX), b[12] != 0);
+        let spin = IdlePoll::new(u32::try_from(spin_us).unwrap_or(u32::MAX), b[12] != 0);
         let mut fds = fds.into_iter();
         let seg = Segment::open(fds.next().expect("3 fds")).map_err(s)?;
         let app = Bell::from_eventfd(fds.next().expect("3 fds"));
@@ -105,9 +105,10 @@ struct Out {
 }
 
 /// Echo until Goaway (or until the parent starts another session / goes).
-fn serve(mut ep: Endpoint, spin: AdaptiveSpin) -> Result<(), String> {
+fn serve(mut ep: Endpoint, spin: IdlePoll) -> Result<(), String> {
     let mut reasm = Reassembler::new(ep.max_message as usize);
     let mut out: VecDeque<Out> = VecDeque::new();
+    let mut sent_mark = ep.tx.committed();
     loop {
         let mut moved = flush_out(&mut ep.tx, &mut out)?;
         if out.is_empty() {
@@ -132,6 +133,9 @@ fn serve(mut ep: Endpoint, spin: AdaptiveSpin) -> Result<(), String> {
             peer,
             ..
         } = &mut ep;
+        // (Longer after a large answer, as the proxy: IdlePoll.)
+        let plan = spin.start(tx.committed() - sent_mark);
+        sent_mark = tx.committed();
         let pending = !out.is_empty();
         // As the proxy: woken for room only while answers wait for it.
         waiter.set_want(if pending {
@@ -153,9 +157,8 @@ fn serve(mut ep: Endpoint, spin: AdaptiveSpin) -> Result<(), String> {
                 rx.has_data().unwrap_or(true)
             }
         };
-        let budget = spin.budget();
-        if budget > 0 {
-            let poll_for = Duration::from_micros(budget.into());
+        if plan.budget_us > 0 {
+            let poll_for = Duration::from_micros(plan.budget_us.into());
             let t0 = Instant::now();
             let mut hit = false;
             while t0.elapsed() < poll_for {
@@ -167,12 +170,12 @@ fn serve(mut ep: Endpoint, spin: AdaptiveSpin) -> Result<(), String> {
             }
             if hit {
                 spin.hit(
+                    plan,
                     t0.elapsed().as_micros().try_into().unwrap_or(u32::MAX),
-                    budget,
                 );
                 continue;
             }
-            spin.missed(budget);
+            spin.missed(plan);
         }
         match waiter.wait_until(ready, None, None).map_err(s)? {
             WaitOutcome::Other => return Ok(()),
@@ -403,6 +406,8 @@ impl FloorConn {
             ..
         } = &mut self.ep;
         send_message(tx, peer, &self.ctl, id, &self.meta, body)?;
+        // (As the shim: the wait after a large request polls longer.)
+        let mut sent = (self.meta.len() + body.len()) as u64;
         loop {
             let mut got: Option<Result<(), String>> = None;
             drain(rx, &mut self.reasm, peer, &mut |sid, r| {
@@ -420,7 +425,12 @@ impl FloorConn {
                 return r;
             }
             let out = waiter
-                .wait_until(|| rx.has_data().unwrap_or(true), None, None)
+                .wait_after(
+                    std::mem::take(&mut sent),
+                    || rx.has_data().unwrap_or(true),
+                    None,
+                    None,
+                )
                 .map_err(s)?;
             if out == WaitOutcome::Other {
                 return Err("the ring-echo child went away".into());
@@ -440,11 +450,15 @@ struct FloorTx {
     peer: Notifier,
     ctl: UnixStream,
     meta: Vec<u8>,
+    /// Bytes sent so far, for the reader's waits (as the shim's).
+    published: Arc<AtomicU64>,
 }
 
 impl MuxTx for FloorTx {
     fn send(&mut self, id: u64, body: &[u8]) -> Result<(), String> {
-        send_message(&mut self.tx, &self.peer, &self.ctl, id, &self.meta, body)
+        send_message(&mut self.tx, &self.peer, &self.ctl, id, &self.meta, body)?;
+        self.published.store(self.tx.committed(), Ordering::Relaxed);
+        Ok(())
     }
     fn finish(&mut self) {
         goodbye(&mut self.tx, &self.peer);
@@ -464,11 +478,13 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
     waiter.set_spin(o.client_spin);
     waiter.set_want(meshshm_ring::WANT_DATA);
     let closing = Arc::new(AtomicBool::new(false));
+    let published = Arc::new(AtomicU64::new(0));
     let ftx = FloorTx {
         tx,
         peer: peer.clone(),
         ctl: ctl.try_clone().map_err(s)?,
         meta: request_meta(),
+        published: published.clone(),
     };
     let rctl = ctl.try_clone().map_err(s)?;
     waiter.watch(rctl.as_fd()).map_err(s)?;
@@ -477,6 +493,7 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
         Box::new(ftx),
         move |mux: Arc<Mux>| {
             let mut reasm = Reassembler::new(max_message as usize);
+            let mut sent_mark = 0;
             loop {
                 if let Err(e) = drain(&mut rx, &mut reasm, &peer, &mut |sid, r| {
                     mux.deliver(sid, r.map(<[u8]>::to_vec))
@@ -487,7 +504,11 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
                 if closing.load(Ordering::Acquire) {
                     return;
                 }
-                match waiter.wait_until(
+                let now = published.load(Ordering::Relaxed);
+                let sent = now.wrapping_sub(sent_mark);
+                sent_mark = now;
+                match waiter.wait_after(
+                    sent,
                     || closing.load(Ordering::Acquire) || rx.has_data().unwrap_or(true),
                     None,
                     None,

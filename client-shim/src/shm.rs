@@ -6,7 +6,7 @@ use std::io::Read;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{fence, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,10 @@ pub(crate) struct ShmLink {
     interrupted: std::sync::atomic::AtomicBool,
     /// `tx.owed.len()`, readable without the lock.
     owing: AtomicUsize,
+    /// Bytes published to the proxy so far (the producer's count, readable
+    /// without the lock): a wait after a large message polls longer
+    /// ([`Waiter::wait_after`]).
+    published: AtomicU64,
 }
 
 /// The send side.
@@ -94,6 +98,8 @@ pub(crate) enum Rest {
 pub(crate) struct RxState {
     consumer: Consumer,
     reasm: Reassembler,
+    /// `published` as of the last wait.
+    sent_mark: u64,
 }
 
 /// Settings of the handshake.
@@ -193,6 +199,7 @@ impl ShmLink {
             rx: Mutex::new(RxState {
                 consumer: rx,
                 reasm: Reassembler::new(max_message as usize),
+                sent_mark: 0,
             }),
             waiter,
             peer,
@@ -200,6 +207,7 @@ impl ShmLink {
             welcome,
             interrupted: std::sync::atomic::AtomicBool::new(false),
             owing: AtomicUsize::new(0),
+            published: AtomicU64::new(0),
         })
     }
 
@@ -365,6 +373,8 @@ impl ShmLink {
     fn publish(&self, producer: &mut Producer, wrote: &mut bool) {
         if producer.publish() {
             *wrote = true;
+            self.published
+                .store(producer.committed(), Ordering::Relaxed);
             self.peer.notify();
         }
     }
@@ -448,7 +458,9 @@ impl ShmLink {
         mut on: impl FnMut(&Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         let mut n = 0;
-        let RxState { consumer, reasm } = rx;
+        let RxState {
+            consumer, reasm, ..
+        } = rx;
         while n < max {
             let Some(f) = consumer.peek()? else { break };
             let h = *f.header();
@@ -482,9 +494,13 @@ impl ShmLink {
     /// Wait until the ring has data, the deadline passes, or the proxy dies.
     pub(crate) fn wait(&self, rx: &mut RxState, deadline: Option<Instant>) -> Result<WaitOutcome> {
         use std::sync::atomic::Ordering::Acquire;
+        let published = self.published.load(Ordering::Relaxed);
+        let sent = published.wrapping_sub(rx.sent_mark);
+        rx.sent_mark = published;
         let out = self
             .waiter
-            .wait_until(
+            .wait_after(
+                sent,
                 || rx.consumer.has_data().unwrap_or(true) || self.interrupted.load(Acquire),
                 deadline,
                 None,

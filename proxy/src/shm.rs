@@ -854,11 +854,13 @@ impl Session {
 
     async fn run(mut self, waits: Waits, mut shutdown: watch::Receiver<bool>) -> String {
         // Polling time before a sleep, in µs, following the load
-        // (meshshm_ring::AdaptiveSpin; shm.spin_adaptive).
-        let spin = meshshm_ring::AdaptiveSpin::new(
+        // (meshshm_ring::IdlePoll; shm.spin_adaptive), longer after a large
+        // answer, whose next request cannot come before the app copied it.
+        let spin = meshshm_ring::IdlePoll::new(
             u32::try_from(self.sh.cfg.shm.spin_us).unwrap_or(u32::MAX),
             self.sh.cfg.shm.spin_adaptive,
         );
+        let mut sent_mark = self.ep.tx.committed();
         let mut draining = false;
         // Yield to the other sessions of this worker at most every SLICE:
         // a tokio yield may poll the I/O driver (a syscall), so yielding per
@@ -900,8 +902,10 @@ impl Session {
                 now = Instant::now();
                 slice_start = now;
             }
-            let budget = spin.budget();
-            let poll_for = Duration::from_micros(budget.into());
+            let sent = self.ep.tx.committed() - sent_mark;
+            sent_mark = self.ep.tx.committed();
+            let plan = spin.start(sent);
+            let poll_for = Duration::from_micros(plan.budget_us.into());
             let t0 = now;
             let mut polled = Duration::ZERO;
             let mut woke = false;
@@ -923,10 +927,10 @@ impl Session {
             if woke {
                 // (`polled` is as of the last clock read: a wait that ended
                 // within 64 polls counts as an early hit.)
-                spin.hit(polled.as_micros().try_into().unwrap_or(u32::MAX), budget);
+                spin.hit(plan, polled.as_micros().try_into().unwrap_or(u32::MAX));
                 continue;
             }
-            spin.missed(budget);
+            spin.missed(plan);
             // Sleep on the doorbell, the control socket and the channels;
             // woken by the app for room only while answers wait for it.
             self.ep

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
-use crate::spin::AdaptiveSpin;
+use crate::spin::{AdaptiveSpin, FollowPoll};
 use crate::sync::{fence, spin_hint, AtomicU32, Ordering};
 
 /// What a sleeper waits for: bits of its wake cell's `sleeping` word.
@@ -154,6 +154,9 @@ pub struct Waiter {
     cell: CellRef,
     bell: Bell,
     spin: AdaptiveSpin,
+    /// A longer poll (by time) after a large message sent:
+    /// [`Waiter::wait_after`].
+    follow: FollowPoll,
     /// What [`Waiter::announce_sleep`] (and so `wait_until`) asks to be
     /// woken for; [`WANT_ANY`] unless set.
     want: u32,
@@ -184,6 +187,7 @@ pub fn heap_doorbell(bell: Bell, spin: u32) -> (Waiter, Notifier) {
             cell: r.clone(),
             bell: bell.clone(),
             spin: AdaptiveSpin::new(spin, true),
+            follow: FollowPoll::new(spin > 0, true),
             want: WANT_ANY,
             epoll: None,
         },
@@ -205,6 +209,7 @@ pub(crate) fn pair_on(
             cell: r.clone(),
             bell: bell.clone(),
             spin: AdaptiveSpin::new(0, true),
+            follow: FollowPoll::new(false, true),
             want: WANT_ANY,
             epoll: None,
         },
@@ -224,12 +229,14 @@ impl Waiter {
     /// it, none (with a probe now and then) once waits are long.
     pub fn set_spin(&mut self, spin: u32) {
         self.spin = AdaptiveSpin::new(spin, self.spin.adaptive());
+        self.follow = FollowPoll::new(spin > 0, self.spin.adaptive());
     }
 
     /// `false`: poll with the whole budget before every sleep, whatever
     /// the waits did (pure spinning with a large budget). Default `true`.
     pub fn set_spin_adaptive(&mut self, adaptive: bool) {
         self.spin = AdaptiveSpin::new(self.spin.max(), adaptive);
+        self.follow = FollowPoll::new(self.spin.max() > 0, adaptive);
     }
 
     /// From now on, block in an epoll set holding the eventfd bell
@@ -443,6 +450,52 @@ impl Waiter {
             }
             self.spin.missed(budget);
         }
+        self.sleep_until(ready, deadline, extra)
+    }
+
+    /// As [`Waiter::wait_until`], for a wait that follows `sent` bytes sent
+    /// to the peer since the last one: a large message earns a longer poll,
+    /// by time ([`FollowPoll`]), instead of the general one.
+    ///
+    /// # Errors
+    /// A failing syscall.
+    pub fn wait_after(
+        &self,
+        sent: u64,
+        mut ready: impl FnMut() -> bool,
+        deadline: Option<Instant>,
+        extra: Option<BorrowedFd<'_>>,
+    ) -> io::Result<WaitOutcome> {
+        let Some(plan) = self.follow.start(sent, 0) else {
+            return self.wait_until(ready, deadline, extra);
+        };
+        let t0 = Instant::now();
+        let poll_for = Duration::from_micros(plan.budget_us.into());
+        loop {
+            for _ in 0..64 {
+                if ready() {
+                    let used = t0.elapsed().as_micros();
+                    self.follow.hit(plan, used.try_into().unwrap_or(u32::MAX));
+                    return Ok(WaitOutcome::Ready);
+                }
+                spin_hint();
+            }
+            let now = Instant::now();
+            if now.duration_since(t0) >= poll_for || deadline.is_some_and(|d| now >= d) {
+                break;
+            }
+        }
+        self.follow.missed(plan);
+        self.sleep_until(ready, deadline, extra)
+    }
+
+    /// The sleeping part of a wait: announce, look again, sleep on the bell.
+    fn sleep_until(
+        &self,
+        mut ready: impl FnMut() -> bool,
+        deadline: Option<Instant>,
+        extra: Option<BorrowedFd<'_>>,
+    ) -> io::Result<WaitOutcome> {
         loop {
             if ready() {
                 return Ok(WaitOutcome::Ready);

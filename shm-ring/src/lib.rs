@@ -62,4 +62,7 @@ pub use segment::{
     sweep_stale, Backing, Endpoint, Segment, SegmentHeader, SegmentOptions, Side,
     DEFAULT_MAX_MESSAGE, LAYOUT_VERSION, MAGIC, MAX_CAPACITY,
 };
-pub use spin::{AdaptiveSpin, PROBE_EVERY};
+pub use spin::{
+    AdaptiveSpin, FollowPlan, FollowPoll, IdlePoll, PollPlan, FOLLOW_FROM, FOLLOW_MAX_US,
+    FOLLOW_NS_PER_KIB, PROBE_EVERY,
+};

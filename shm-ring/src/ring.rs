@@ -378,6 +378,12 @@ impl Producer {
     pub fn unpublished(&self) -> usize {
         (self.tail - self.published) as usize
     }
+
+    /// Bytes committed since the ring was made, headers and pads included:
+    /// the difference of two readings is what went out between them.
+    pub fn committed(&self) -> u64 {
+        self.tail
+    }
 }
 
 /// Room for one frame, reserved by [`Producer::reserve`]. Dropping it

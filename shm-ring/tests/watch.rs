@@ -101,3 +101,78 @@ fn adaptive_spin_stops_polling_when_waits_outlast_it() {
         "adaptive {adaptive} ns is not well below fixed {fixed} ns"
     );
 }
+
+/// Voluntary context switches of this thread so far (a sleep on the bell
+/// is one).
+fn thread_sleeps() -> u64 {
+    let s = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let line = s
+        .lines()
+        .find(|l| l.starts_with("voluntary_ctxt_switches"))
+        .unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Pin this thread to `cpu` (a poll on the CPU its peer needs would only
+/// delay the peer).
+fn pin(cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
+}
+
+/// 40 waits for an answer that comes ~100 µs after each request (the peer
+/// copying it); the waiter polls 10 times (a few µs) in general. The two
+/// threads on CPUs 0 and 1. Returns how many times the waiter slept.
+fn sleeps_waiting_for_answers(after_sending: u64) -> u64 {
+    let (mut waiter, notifier) = heap_doorbell(Bell::Futex, 0);
+    waiter.set_spin(10);
+    let (req, resp) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+    let (rq, rs) = (req.clone(), resp.clone());
+    let h = std::thread::spawn(move || {
+        pin(1);
+        for i in 1..=40 {
+            while rq.load(Ordering::Acquire) < i {
+                std::hint::spin_loop();
+            }
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(100) {
+                std::hint::spin_loop();
+            }
+            rs.store(i, Ordering::Release);
+            notifier.notify();
+        }
+    });
+    pin(0);
+    let before = thread_sleeps();
+    for i in 1..=40 {
+        req.store(i, Ordering::Release);
+        let out = waiter
+            .wait_after(
+                after_sending,
+                || resp.load(Ordering::Acquire) >= i,
+                Some(Instant::now() + Duration::from_secs(10)),
+                None,
+            )
+            .unwrap();
+        assert_eq!(out, WaitOutcome::Ready);
+    }
+    let slept = thread_sleeps() - before;
+    h.join().unwrap();
+    slept
+}
+
+#[test]
+fn a_wait_after_a_large_message_polls_for_its_copy_instead_of_sleeping() {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    // 1 KiB sent: the general poll, then sleep, most times. 1 MiB sent:
+    // a poll of ~205 µs (FollowPoll), which the ~100 µs answer ends.
+    let small = sleeps_waiting_for_answers(1024);
+    let large = sleeps_waiting_for_answers(1 << 20);
+    eprintln!("sleeps in 40 waits: after 1 KiB {small}, after 1 MiB {large}");
+    assert!(small >= 20, "after 1 KiB only {small} of 40 waits slept");
+    assert!(large <= 8, "after 1 MiB {large} of 40 waits slept");
+}
