@@ -419,6 +419,20 @@ fn compare(a: Args) -> Result<bool, String> {
         .map(|w| report::HandOff {
             p50_us: w.p50,
             cpu_us_per_rt: w.cli + w.srv,
+            // (On a thread of its own: the measurement pins it.)
+            paced_cpu_us_per_rt: recs
+                .iter()
+                .any(|r| r.mode == "open")
+                .then(|| {
+                    let rate = a.rate;
+                    std::thread::spawn(move || crate::wake::paced_hand_off(rate, 300))
+                        .join()
+                        .ok()?
+                        .map_err(|e| eprintln!("the paced hand-off: {e}"))
+                        .ok()
+                })
+                .flatten()
+                .map(|w| w.cli + w.srv),
         });
     print!("{}", report::targets(&recs, hand_off.as_ref()));
     if let Some(path) = &a.json {

@@ -309,6 +309,9 @@ pub struct HandOff {
     pub p50_us: f64,
     /// CPU of both sides per round trip.
     pub cpu_us_per_rt: f64,
+    /// CPU of both sides per round trip when the client sleeps to the
+    /// open-loop schedule (`--rate`) before each, when open-loop cells ran.
+    pub paced_cpu_us_per_rt: Option<f64>,
 }
 
 /// The targets of issue #9 (listed in benches/README.md, "Targets"),
@@ -377,6 +380,20 @@ pub fn targets(recs: &[Record], hand_off: Option<&HandOff>) -> String {
                 ),
                 None => String::new(),
             };
+            // Open loop, the client also sleeps to its schedule and both
+            // sides idle between requests: the same hand-off paced so is
+            // the least any blocking transport can cost per request here.
+            if let Some(least) = hand_off
+                .and_then(|h| h.paced_cpu_us_per_rt)
+                .filter(|_| mode == "open")
+            {
+                let _ = write!(
+                    bound,
+                    "; paced as the open loop, the hand-off costs {} µs = {:.2}x",
+                    fmt_num(least),
+                    least / t.cpu_us_per_req
+                );
+            }
             if let Some(f) = find("ring-floor-block", mode, KIB, 1) {
                 let _ = write!(
                     bound,
