@@ -108,7 +108,7 @@ struct Out {
 fn serve(mut ep: Endpoint, spin: IdlePoll) -> Result<(), String> {
     let mut reasm = Reassembler::new(ep.max_message as usize);
     let mut out: VecDeque<Out> = VecDeque::new();
-    let mut sent_mark = ep.tx.committed();
+    let mut sent_mark = ep.tx.bytes_sent();
     loop {
         let mut moved = flush_out(&mut ep.tx, &mut out)?;
         if out.is_empty() {
@@ -134,8 +134,8 @@ fn serve(mut ep: Endpoint, spin: IdlePoll) -> Result<(), String> {
             ..
         } = &mut ep;
         // (Longer after a large answer, as the proxy: IdlePoll.)
-        let plan = spin.start(tx.committed() - sent_mark);
-        sent_mark = tx.committed();
+        let plan = spin.start(tx.bytes_sent() - sent_mark);
+        sent_mark = tx.bytes_sent();
         let pending = !out.is_empty();
         // As the proxy: woken for room only while answers wait for it.
         waiter.set_want(if pending {
@@ -457,7 +457,8 @@ struct FloorTx {
 impl MuxTx for FloorTx {
     fn send(&mut self, id: u64, body: &[u8]) -> Result<(), String> {
         send_message(&mut self.tx, &self.peer, &self.ctl, id, &self.meta, body)?;
-        self.published.store(self.tx.committed(), Ordering::Relaxed);
+        self.published
+            .store(self.tx.bytes_sent(), Ordering::Relaxed);
         Ok(())
     }
     fn finish(&mut self) {

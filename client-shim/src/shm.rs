@@ -374,7 +374,7 @@ impl ShmLink {
         if producer.publish() {
             *wrote = true;
             self.published
-                .store(producer.committed(), Ordering::Relaxed);
+                .store(producer.bytes_sent(), Ordering::Relaxed);
             self.peer.notify();
         }
     }

@@ -187,12 +187,15 @@ pub struct Producer {
     /// Last `head` read from the consumer; `head_cache <= published`.
     head_cache: u64,
     poisoned: bool,
+    /// Payload bytes of the frames committed so far.
+    sent: u64,
 }
 
 impl Producer {
     pub(crate) fn new(ring: RawRing) -> Self {
         Producer {
             ring,
+            sent: 0,
             tail: 0,
             published: 0,
             head_cache: 0,
@@ -379,10 +382,10 @@ impl Producer {
         (self.tail - self.published) as usize
     }
 
-    /// Bytes committed since the ring was made, headers and pads included:
-    /// the difference of two readings is what went out between them.
-    pub fn committed(&self) -> u64 {
-        self.tail
+    /// Payload bytes of the frames committed since the ring was made: the
+    /// difference of two readings is what went out between them.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent
     }
 }
 
@@ -443,6 +446,7 @@ impl Grant<'_> {
         let pos = self.pos;
         self.producer.write_header(pos, &hdr);
         self.producer.tail += hdr.wire_len() as u64;
+        self.producer.sent += u64::from(hdr.len);
     }
 }
 

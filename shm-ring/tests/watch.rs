@@ -169,7 +169,7 @@ fn a_wait_after_a_large_message_polls_for_its_copy_instead_of_sleeping() {
         return;
     }
     // 1 KiB sent: the general poll, then sleep, most times. 1 MiB sent:
-    // a poll of ~205 µs (FollowPoll), which the ~100 µs answer ends.
+    // a poll of ~820 µs (FollowPoll), which the ~100 µs answer ends.
     let small = sleeps_waiting_for_answers(1024);
     let large = sleeps_waiting_for_answers(1 << 20);
     eprintln!("sleeps in 40 waits: after 1 KiB {small}, after 1 MiB {large}");

@@ -14,6 +14,14 @@ use meshshm_tests::{
 
 const T: Duration = Duration::from_secs(10);
 
+/// One test at a time: two of them measure the proxy's CPU or sleeps,
+/// which the others' proxies would disturb (all of them take ~1 s).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn uring_usable() -> bool {
     match meshshm_ring::uring::Uring::probe() {
         Ok(()) => true,
@@ -177,11 +185,13 @@ fn check_waiter(waiter: &str) {
 
 #[test]
 fn epoll_waiter_serves_forwards_survives_kills_and_shuts_down() {
+    let _s = serial();
     check_waiter("epoll");
 }
 
 #[test]
 fn io_uring_waiter_serves_forwards_survives_kills_and_shuts_down() {
+    let _s = serial();
     if uring_usable() {
         check_waiter("io_uring");
     }
@@ -215,6 +225,7 @@ fn start_refused(dir: &TempDir, waiter: &str) -> Result<(KillOnDrop, String), (i
 
 #[test]
 fn auto_falls_back_to_epoll_where_io_uring_is_refused() {
+    let _s = serial();
     let dir = TempDir::new("no-uring");
     // auto: starts, says why it uses epoll, and serves.
     let (_proxy, log) = start_refused(&dir, "auto")
@@ -287,6 +298,7 @@ fn trickle_cpu(fixed: bool) -> u64 {
 
 #[test]
 fn adaptive_polling_stops_for_a_trickle_of_requests() {
+    let _s = serial();
     // Fixed: every idle spell polls the whole 2 ms (about 80 ms in all).
     // Adaptive: 2 + 1 + 0.5 + 0.25 + 0.125 ms, then one 2 ms probe every
     // 16 waits (about 9 ms in all), whatever the machine.
@@ -297,5 +309,101 @@ fn adaptive_polling_stops_for_a_trickle_of_requests() {
     assert!(
         adaptive * 3 < fixed,
         "adaptive {adaptive} ns is not well below fixed {fixed} ns"
+    );
+}
+
+/// Voluntary context switches of all the process's threads so far (each
+/// sleep is one).
+fn sleeps(pid: i32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("voluntary_ctxt_switches"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// The thread ids of process `pid`.
+fn threads(pid: i32) -> Vec<nix::unistd::Pid> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .filter_map(|t| t.ok()?.file_name().to_str()?.parse().ok())
+        .map(nix::unistd::Pid::from_raw)
+        .collect()
+}
+
+fn pin_to(cpu: usize, tids: &[nix::unistd::Pid]) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).expect("cpu");
+    for &t in tids {
+        nix::sched::sched_setaffinity(t, &set).expect("pin");
+    }
+}
+
+/// How many times the proxy's threads slept during 40 echo calls of 1 MiB
+/// back to back, with `--spin-us spin_us`.
+fn sleeps_for_large_calls(spin_us: u32) -> u64 {
+    let p = Proxy::start_with(ProxyOpts {
+        args: vec![
+            "--admin".to_owned(),
+            "off".into(),
+            "--spin-us".into(),
+            spin_us.to_string(),
+        ],
+        ..Default::default()
+    });
+    let c = meshshm::Client::with_options(meshshm::ClientOptions {
+        socket: Some(p.socket.clone()),
+        ..Default::default()
+    })
+    .expect("connect");
+    // The app on CPU 0, the proxy on CPU 1 (as an app and its sidecar on
+    // a busy node: polling for a peer that shares the CPU only delays it,
+    // and the adaptive poll then stops).
+    pin_to(0, &[nix::unistd::gettid()]);
+    pin_to(1, &threads(p.pid()));
+    let big = body(9, 1 << 20);
+    let call = meshshm::Call::new("echo", "Echo", &big);
+    // Warm-up: the first passes over the rings fault their pages in (a
+    // few ms here), longer than any poll: the polls adapt down, and come
+    // back with a probe that ends in time (one in 16 waits).
+    for _ in 0..100 {
+        c.invoke(&call).expect("warm-up call");
+    }
+    let before = sleeps(p.pid());
+    for _ in 0..40 {
+        let r = c.invoke(&call).expect("echo");
+        assert!(r.body == big, "echo changed the body");
+    }
+    sleeps(p.pid()) - before
+}
+
+#[test]
+fn a_session_polls_through_the_copy_of_a_large_answer() {
+    let _s = serial();
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    // After a 1 MiB answer the next request comes once the app has read
+    // it and written the next (165-230 µs here): the session polls ~820 µs
+    // for it (FollowPoll) instead of sleeping after its 20 µs. With
+    // polling off (--spin-us 0), every request finds it asleep.
+    let follow = sleeps_for_large_calls(20);
+    let none = sleeps_for_large_calls(0);
+    eprintln!("proxy sleeps in 40 calls of 1 MiB: polling {follow}, none {none}");
+    assert!(
+        none >= 40,
+        "with no polling the proxy slept only {none} times"
+    );
+    assert!(
+        follow <= 20,
+        "the proxy slept {follow} times in 40 calls of 1 MiB (no polling: {none})"
     );
 }
