@@ -24,13 +24,17 @@ use std::time::{Duration, Instant};
 
 use meshshm_proto::{recv_with_fds, send_with_fds, ResponseMeta};
 use meshshm_ring::{
-    write_message, Backing, Bell, Consumer, Endpoint, FrameHeader, FrameKind, IdlePoll, Notifier,
-    Producer, Reassembler, Segment, SegmentOptions, Side, WaitOutcome, WriteProgress,
-    DEFAULT_MAX_MESSAGE,
+    write_message, write_message_streamed, Backing, Bell, Consumer, Endpoint, FrameHeader,
+    FrameKind, IdlePoll, Message, Notifier, Producer, Reassembler, Segment, SegmentOptions, Side,
+    WaitOutcome, WriteProgress, DEFAULT_MAX_MESSAGE,
 };
 
 use crate::mux::{Mux, MuxConn, MuxTx};
-use crate::wire::{check_response_meta, request_meta, OnResponse};
+use crate::wire::{check_response_meta, request_meta};
+
+/// What [`drain`] hands each answer to: its stream, and the message or why
+/// its metadata is wrong.
+type OnMessage<'a> = dyn FnMut(u64, Result<&mut Message<'_>, String>) + 'a;
 
 /// Ring size per direction unless asked otherwise: the proxy's default
 /// (`shm.ring_size`), so large messages fragment the same way as through it.
@@ -226,14 +230,21 @@ fn read_incoming(
             match m.kind {
                 FrameKind::Request => {
                     let mut p = WriteProgress { sent: 0 };
+                    // (As the proxy: a large answer streams.)
+                    let peer = &ep.peer;
                     let done = out.is_empty()
-                        && write_message(
+                        && write_message_streamed(
                             &mut ep.tx,
                             FrameKind::Response,
                             m.stream_id,
                             ok.len(),
                             &[ok, m.body()],
                             &mut p,
+                            &mut |tx| {
+                                if tx.publish() {
+                                    peer.notify();
+                                }
+                            },
                         )
                         .map_err(s)?;
                     if !done {
@@ -336,19 +347,17 @@ fn drain(
     rx: &mut Consumer,
     reasm: &mut Reassembler,
     peer: &Notifier,
-    on: &mut OnResponse<'_>,
+    on: &mut OnMessage<'_>,
 ) -> Result<usize, String> {
     let mut n = 0;
     while let Some(f) = rx.peek().map_err(s)? {
         let h = *f.header();
-        if let Some(m) = reasm.feed(&h, f.payload()).map_err(s)? {
+        if let Some(mut m) = reasm.feed(&h, f.payload()).map_err(s)? {
             if m.kind != FrameKind::Response {
                 return Err(format!("unexpected {:?} frame", m.kind));
             }
-            on(
-                m.stream_id,
-                check_response_meta(m.meta()).map(|()| m.body()),
-            );
+            let sid = m.stream_id;
+            on(sid, check_response_meta(m.meta()).map(|()| &mut m));
             n += 1;
         }
         f.release();
@@ -412,9 +421,10 @@ impl FloorConn {
             let mut got: Option<Result<(), String>> = None;
             drain(rx, &mut self.reasm, peer, &mut |sid, r| {
                 got = Some(match r {
-                    Ok(b) if sid == id => {
-                        resp.clear();
-                        resp.extend_from_slice(b);
+                    // (As the shim: one copy out of the ring, by fragment
+                    // for a streamed answer.)
+                    Ok(m) if sid == id => {
+                        *resp = m.take_body();
                         Ok(())
                     }
                     Ok(_) => Err(format!("response to stream {sid}, expected {id}")),
@@ -497,7 +507,7 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
             let mut sent_mark = 0;
             loop {
                 if let Err(e) = drain(&mut rx, &mut reasm, &peer, &mut |sid, r| {
-                    mux.deliver(sid, r.map(<[u8]>::to_vec))
+                    mux.deliver(sid, r.map(Message::take_body))
                 }) {
                     mux.fail(e);
                     return;

@@ -60,7 +60,7 @@ pub(crate) trait Link: Send + Sync + 'static {
     fn drain(
         &self,
         rx: &mut Self::Rx,
-        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+        on: &mut dyn FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize>;
     fn wait(&self, rx: &mut Self::Rx, deadline: Option<Instant>) -> Result<WaitOutcome>;
     fn interrupt(&self);
@@ -148,7 +148,7 @@ impl Link for ShmLink {
     fn drain(
         &self,
         rx: &mut RxState,
-        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+        on: &mut dyn FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         ShmLink::drain(self, rx, on)
     }
@@ -198,7 +198,7 @@ impl Link for TcpLink {
     fn drain(
         &self,
         rx: &mut TcpRx,
-        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+        on: &mut dyn FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         TcpLink::drain(self, rx, on)
     }
@@ -459,7 +459,7 @@ impl<L: Link> Conn<L> {
     fn take_in(
         &self,
         rx: &mut L::Rx,
-        on: &mut dyn FnMut(&Message<'_>) -> Result<()>,
+        on: &mut dyn FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<()> {
         while self.link.receive_now(rx)? {
             self.link.drain(rx, &mut *on)?;
@@ -468,7 +468,7 @@ impl<L: Link> Conn<L> {
         Ok(())
     }
 
-    fn dispatch(&self, m: &Message<'_>) -> Result<()> {
+    fn dispatch(&self, m: &mut Message<'_>) -> Result<()> {
         match m.kind {
             FrameKind::Response => {
                 // Malformed metadata fails that one call, not the connection
@@ -625,7 +625,7 @@ impl<L: Link> Conn<L> {
     fn solo_dispatch(
         &self,
         id: u64,
-        m: &Message<'_>,
+        m: &mut Message<'_>,
         mine: &mut Option<Result<Response>>,
     ) -> Result<()> {
         if m.kind == FrameKind::Response && m.stream_id == id {
@@ -845,14 +845,16 @@ pub(crate) fn try_lock<T>(m: &std::sync::Mutex<T>) -> Option<MutexGuard<'_, T>> 
     }
 }
 
-pub(crate) fn parse_response(m: &Message<'_>) -> Result<Response> {
+pub(crate) fn parse_response(m: &mut Message<'_>) -> Result<Response> {
     let meta = ResponseMeta::decode(m.meta())
         .map_err(|e| Error::Protocol(format!("response metadata: {e}")))?;
+    let (status, message, headers) = (meta.status, meta.message.to_owned(), meta.headers.to_vec());
     Ok(Response {
-        status: meta.status,
-        message: meta.message.to_owned(),
-        headers: meta.headers.to_vec(),
-        body: m.body().to_vec(),
+        status,
+        message,
+        headers,
+        // (A fragmented answer's body is handed over, not copied again.)
+        body: m.take_body(),
     })
 }
 

@@ -320,7 +320,7 @@ fn deliver<L: Link>(
     on: &mut dyn FnMut(Reply<'_>),
 ) -> Result<usize> {
     let mut n = 0;
-    let mut each = |m: &Message<'_>| {
+    let mut each = |m: &mut Message<'_>| {
         on_message(m, ids, goaway, &mut |r| {
             n += 1;
             on(r)
@@ -336,7 +336,7 @@ fn deliver<L: Link>(
 /// One message from the proxy: a reply for a call in flight goes to `on`
 /// (one for an unknown or cancelled call is dropped).
 fn on_message(
-    m: &Message<'_>,
+    m: &mut Message<'_>,
     ids: &mut Ids,
     goaway: &mut bool,
     on: &mut dyn FnMut(Reply<'_>),

@@ -149,7 +149,7 @@ impl Server {
     /// queueing requests and marking cancels. Returns requests queued.
     fn take(&self, rx: &mut crate::shm::RxState, one: bool) -> Result<usize> {
         let n = std::cell::Cell::new(0);
-        let mut on = |m: &meshshm_ring::Message<'_>| {
+        let mut on = |m: &mut meshshm_ring::Message<'_>| {
             match m.kind {
                 FrameKind::Request => {
                     let meta = RequestMeta::decode(m.meta())

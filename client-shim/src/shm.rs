@@ -436,7 +436,7 @@ impl ShmLink {
     pub(crate) fn drain(
         &self,
         rx: &mut RxState,
-        on: impl FnMut(&Message<'_>) -> Result<()>,
+        on: impl FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         self.drain_n(rx, usize::MAX, on)
     }
@@ -446,7 +446,7 @@ impl ShmLink {
     pub(crate) fn drain_one(
         &self,
         rx: &mut RxState,
-        on: impl FnMut(&Message<'_>) -> Result<()>,
+        on: impl FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         self.drain_n(rx, 1, on)
     }
@@ -455,7 +455,7 @@ impl ShmLink {
         &self,
         rx: &mut RxState,
         max: usize,
-        mut on: impl FnMut(&Message<'_>) -> Result<()>,
+        mut on: impl FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         let mut n = 0;
         let RxState {
@@ -464,17 +464,17 @@ impl ShmLink {
         while n < max {
             let Some(f) = consumer.peek()? else { break };
             let h = *f.header();
-            if let Some(m) = reasm.feed(&h, f.payload())? {
+            if let Some(mut m) = reasm.feed(&h, f.payload())? {
                 match m.kind {
                     FrameKind::Ping => {
-                        let payload = m.data.to_vec();
+                        let payload = m.to_vec();
                         let pong = Out {
                             body: &payload,
                             ..Out::empty(FrameKind::Pong, m.stream_id)
                         };
                         self.send(pong, &mut || {})?;
                     }
-                    _ => on(&m)?,
+                    _ => on(&mut m)?,
                 }
                 n += 1;
             }

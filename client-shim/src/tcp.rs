@@ -167,7 +167,7 @@ impl TcpLink {
     pub(crate) fn drain(
         &self,
         rx: &mut TcpRx,
-        mut on: impl FnMut(&Message<'_>) -> Result<()>,
+        mut on: impl FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         let mut off = 0;
         let mut n = 0;
@@ -176,16 +176,16 @@ impl TcpLink {
             match rx.dec.decode(avail) {
                 Ok(Some((h, total))) => {
                     let payload = &avail[HEADER_LEN..HEADER_LEN + h.len as usize];
-                    if let Some(m) = rx.reasm.feed(&h, payload)? {
+                    if let Some(mut m) = rx.reasm.feed(&h, payload)? {
                         if m.kind == FrameKind::Ping {
-                            let p = m.data.to_vec();
+                            let p = m.to_vec();
                             let pong = Out {
                                 body: &p,
                                 ..Out::empty(FrameKind::Pong, m.stream_id)
                             };
                             self.send(pong, &mut || {})?;
                         } else {
-                            on(&m)?;
+                            on(&mut m)?;
                         }
                         n += 1;
                     }

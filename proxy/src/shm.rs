@@ -35,8 +35,9 @@ use meshshm_proto::{
     ResponseMeta, Role, Welcome, MAX_CONTROL, PROTOCOL_VERSION,
 };
 use meshshm_ring::{
-    next_frame_len, write_message, Bell, Endpoint, FrameKind, Reassembler, RingError, Segment,
-    SegmentOptions, Side, WriteProgress, FLAG_CONT, FLAG_MORE,
+    next_frame_len, next_streamed_frame_len, write_message, write_message_streamed, Bell, Endpoint,
+    FrameKind, Reassembler, RingError, Segment, SegmentOptions, Side, WriteProgress, FLAG_CONT,
+    FLAG_MORE,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt, Interest};
@@ -638,7 +639,7 @@ impl Session {
                         // (The answer's first frame: all of it, or its first
                         // fragment when it is too large for one.)
                         let reply = ResponseMeta::OK.len() + m.body().len();
-                        let first = next_frame_len(&self.ep.tx, reply, 0);
+                        let first = next_streamed_frame_len(&self.ep.tx, reply, 0);
                         let fits = self.out.is_empty()
                             && self.ep.tx.fits_now(first).map_err(|e| e.to_string())?;
                         if !fits {
@@ -667,14 +668,22 @@ impl Session {
                         Outcome::Echo => {
                             let ok = &ResponseMeta::OK;
                             let mut p = WriteProgress { sent: 0 };
+                            // A large answer streams: the app reads each
+                            // fragment while the next is written.
+                            let peer = &self.ep.peer;
                             let done = self.out.is_empty()
-                                && write_message(
+                                && write_message_streamed(
                                     &mut self.ep.tx,
                                     FrameKind::Response,
                                     m.stream_id,
                                     ok.len(),
                                     &[ok, m.body()],
                                     &mut p,
+                                    &mut |tx| {
+                                        if tx.publish() {
+                                            peer.notify();
+                                        }
+                                    },
                                 )
                                 .map_err(|e| e.to_string())?;
                             // The first answer of a pass is published (and
@@ -745,7 +754,7 @@ impl Session {
                     // Best effort: no answer while the app leaves its
                     // answers unread (a server's ring is never paused).
                     if self.out_bytes <= 4 * self.ep.tx.capacity() {
-                        let (sid, data) = (m.stream_id, m.data.to_vec());
+                        let (sid, data) = (m.stream_id, m.to_vec());
                         f.release();
                         self.enqueue(FrameKind::Pong, sid, Vec::new(), data);
                         n += 1;

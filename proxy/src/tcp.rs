@@ -142,9 +142,13 @@ pub async fn serve<S>(
                         h.abort();
                     }
                 }
-                FrameKind::Ping => {
-                    encode_frame(&mut out, FrameKind::Pong, m.stream_id, 0, &[m.data])
-                }
+                FrameKind::Ping => encode_frame(
+                    &mut out,
+                    FrameKind::Pong,
+                    m.stream_id,
+                    0,
+                    &[m.meta(), m.body()],
+                ),
                 FrameKind::Pong | FrameKind::Goaway => {}
                 k => break 'session format!("unexpected {k:?} frame"),
             }

@@ -34,7 +34,58 @@ pub fn write_message(
     progress: &mut WriteProgress,
 ) -> Result<bool, RingError> {
     let total: usize = parts.iter().map(|p| p.len()).sum();
-    write_from(tx, kind, stream_id, meta_len, total, 0, parts, progress)
+    write_from(
+        tx, kind, stream_id, meta_len, total, 0, parts, progress, None,
+    )
+}
+
+/// Messages larger than this go streamed by [`write_message_streamed`].
+pub const STREAM_FROM: usize = 128 << 10;
+/// The fragment size of a streamed message.
+pub const STREAM_FRAGMENT: usize = 128 << 10;
+
+/// As [`write_message`], for a message whose consumer takes it in as it
+/// comes (the proxy's answers: the app's reassembler copies each fragment
+/// once, into the body it hands over): one larger than [`STREAM_FROM`]
+/// goes in fragments of [`STREAM_FRAGMENT`] even when one frame would hold
+/// it, and `publish` is called after each fragment but the last (to
+/// publish it and ring the consumer), so that the consumer copies one
+/// while the next is written. 1 MiB echoed: the app reads the answer while
+/// the proxy writes it, instead of after.
+///
+/// # Errors
+/// As [`write_message`].
+pub fn write_message_streamed(
+    tx: &mut Producer,
+    kind: FrameKind,
+    stream_id: u64,
+    meta_len: usize,
+    parts: &[&[u8]],
+    progress: &mut WriteProgress,
+    publish: &mut dyn FnMut(&mut Producer),
+) -> Result<bool, RingError> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    write_from(
+        tx,
+        kind,
+        stream_id,
+        meta_len,
+        total,
+        0,
+        parts,
+        progress,
+        Some(publish),
+    )
+}
+
+/// [`next_frame_len`] for [`write_message_streamed`].
+pub fn next_streamed_frame_len(tx: &Producer, total: usize, sent: usize) -> usize {
+    let n = next_frame_len(tx, total, sent);
+    if total > STREAM_FROM {
+        n.min(STREAM_FRAGMENT)
+    } else {
+        n
+    }
 }
 
 /// The payload length of the next frame [`write_message`] writes for a
@@ -72,7 +123,7 @@ pub fn write_message_rest(
     if base == 0 || base + rest.len() != total || !(base..=total).contains(&progress.sent) {
         return Err(RingError::TooLarge(total));
     }
-    write_from(tx, kind, stream_id, 0, total, base, &[rest], progress)
+    write_from(tx, kind, stream_id, 0, total, base, &[rest], progress, None)
 }
 
 /// Stage bytes `progress.sent..total` of a message; `parts` hold its bytes
@@ -87,6 +138,7 @@ fn write_from(
     base: usize,
     parts: &[&[u8]],
     progress: &mut WriteProgress,
+    mut stream: Option<&mut dyn FnMut(&mut Producer)>,
 ) -> Result<bool, RingError> {
     if total > u32::MAX as usize || meta_len > total {
         return Err(RingError::TooLarge(total));
@@ -97,7 +149,11 @@ fn write_from(
         if !first && remaining == 0 {
             return Ok(true);
         }
-        let chunk = next_frame_len(tx, total, progress.sent);
+        let chunk = if stream.is_some() {
+            next_streamed_frame_len(tx, total, progress.sent)
+        } else {
+            next_frame_len(tx, total, progress.sent)
+        };
         let mut g = match tx.reserve(chunk) {
             Ok(g) => g,
             Err(RingError::Full) => return Ok(false),
@@ -133,30 +189,77 @@ fn write_from(
         if !more {
             return Ok(true);
         }
+        if let Some(publish) = stream.as_mut() {
+            publish(tx);
+        }
     }
 }
 
-/// A whole message: its kind, stream and bytes (metadata then body).
-#[derive(Debug, Clone, Copy)]
+/// A whole message: its kind, stream, metadata and body.
+#[derive(Debug)]
 pub struct Message<'a> {
     /// frame kind of the message
     pub kind: FrameKind,
     /// its stream
     pub stream_id: u64,
-    /// bytes of metadata at the start of `data`
-    pub meta_len: usize,
-    /// metadata followed by body
-    pub data: &'a [u8],
+    meta: &'a [u8],
+    body: Body<'a>,
 }
 
-impl<'a> Message<'a> {
+/// Where a message's body is: in the ring (one frame), or in the
+/// reassembler's buffer (fragments), which [`Message::take_body`] hands
+/// over without a copy.
+#[derive(Debug)]
+enum Body<'a> {
+    InPlace(&'a [u8]),
+    Gathered(&'a mut Vec<u8>),
+}
+
+impl Message<'_> {
     /// The metadata bytes.
-    pub fn meta(&self) -> &'a [u8] {
-        &self.data[..self.meta_len]
+    pub fn meta(&self) -> &[u8] {
+        self.meta
     }
+
     /// The body bytes.
-    pub fn body(&self) -> &'a [u8] {
-        &self.data[self.meta_len..]
+    pub fn body(&self) -> &[u8] {
+        match &self.body {
+            Body::InPlace(b) => b,
+            Body::Gathered(b) => b,
+        }
+    }
+
+    /// Metadata and body, in bytes.
+    pub fn len(&self) -> usize {
+        self.meta.len() + self.body().len()
+    }
+
+    /// True for a message of no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Metadata then body, copied.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(self.meta);
+        v.extend_from_slice(self.body());
+        v
+    }
+
+    /// The body as an owned vector: a copy of a message read in place
+    /// (shared memory must be copied out anyway), the reassembler's buffer
+    /// itself for a fragmented one (its bytes were copied once, fragment by
+    /// fragment, as they arrived). Leaves the body empty.
+    pub fn take_body(&mut self) -> Vec<u8> {
+        match &mut self.body {
+            Body::InPlace(b) => {
+                let v = b.to_vec();
+                *b = &[];
+                v
+            }
+            Body::Gathered(b) => std::mem::take(*b),
+        }
     }
 }
 
@@ -164,7 +267,10 @@ impl<'a> Message<'a> {
 pub struct Reassembler {
     max_message: usize,
     open: Option<Open>,
-    buf: Vec<u8>,
+    /// The open message's metadata, then its body (kept apart, so that the
+    /// body can be handed over whole: [`Message::take_body`]).
+    meta: Vec<u8>,
+    body: Vec<u8>,
 }
 
 struct Open {
@@ -180,7 +286,8 @@ impl Reassembler {
         Reassembler {
             max_message,
             open: None,
-            buf: Vec::new(),
+            meta: Vec::new(),
+            body: Vec::new(),
         }
     }
 
@@ -215,11 +322,12 @@ impl Reassembler {
                 return Err(RingError::BadMessage("payload length mismatch"));
             }
             if !more {
+                let (meta, body) = payload.split_at((hdr.meta_len as usize).min(payload.len()));
                 return Ok(Some(Message {
                     kind: hdr.kind,
                     stream_id: hdr.stream_id,
-                    meta_len: hdr.meta_len as usize,
-                    data: payload,
+                    meta,
+                    body: Body::InPlace(body),
                 }));
             }
             if payload.is_empty() || payload.len() >= hdr.msg_len as usize {
@@ -227,9 +335,14 @@ impl Reassembler {
                     "first fragment empty or already complete",
                 ));
             }
-            self.buf.clear();
-            self.buf.reserve((hdr.msg_len as usize).min(1 << 20));
-            self.buf.extend_from_slice(payload);
+            let meta_len = hdr.meta_len as usize;
+            self.meta.clear();
+            self.body.clear();
+            // The whole body at once (msg_len is within max_message): no
+            // reallocation, so no second copy, as fragments arrive.
+            self.body
+                .reserve(hdr.msg_len as usize - meta_len.min(hdr.msg_len as usize));
+            self.gather(meta_len, payload);
             self.open = Some(Open {
                 kind: hdr.kind,
                 stream_id: hdr.stream_id,
@@ -246,7 +359,7 @@ impl Reassembler {
                 "continuation of another stream or kind",
             ));
         }
-        if self.buf.len() + payload.len() > open.msg_len {
+        if self.meta.len() + self.body.len() + payload.len() > open.msg_len {
             return Err(RingError::BadMessage(
                 "fragments exceed the declared length",
             ));
@@ -254,11 +367,12 @@ impl Reassembler {
         if more && payload.is_empty() {
             return Err(RingError::BadMessage("empty non-final fragment"));
         }
-        self.buf.extend_from_slice(payload);
+        let (meta_len, msg_len) = (open.meta_len, open.msg_len);
+        self.gather(meta_len, payload);
         if more {
             return Ok(None);
         }
-        if self.buf.len() != open.msg_len {
+        if self.meta.len() + self.body.len() != msg_len {
             return Err(RingError::BadMessage(
                 "message ended short of its declared length",
             ));
@@ -267,9 +381,17 @@ impl Reassembler {
         Ok(Some(Message {
             kind: open.kind,
             stream_id: open.stream_id,
-            meta_len: open.meta_len,
-            data: &self.buf,
+            meta: &self.meta,
+            body: Body::Gathered(&mut self.body),
         }))
+    }
+
+    /// Append `payload`: the bytes before `meta_len` of the message to the
+    /// metadata, the rest to the body.
+    fn gather(&mut self, meta_len: usize, payload: &[u8]) {
+        let to_meta = meta_len.saturating_sub(self.meta.len()).min(payload.len());
+        self.meta.extend_from_slice(&payload[..to_meta]);
+        self.body.extend_from_slice(&payload[to_meta..]);
     }
 }
 
@@ -323,6 +445,94 @@ mod tests {
         }
         assert!(frames > 10, "expected fragmentation, got {frames} frames");
         assert_eq!(got, Some((9, meta, body)));
+    }
+
+    #[test]
+    fn a_streamed_message_is_published_fragment_by_fragment_and_its_body_handed_over() {
+        let (mut tx, mut rx) = heap_ring(4 << 20);
+        let meta = b"response-meta".to_vec();
+        let body: Vec<u8> = (0..(1u32 << 20)).map(|i| (i * 13 % 251) as u8).collect();
+        // One frame would hold it (4 MiB ring): streamed, it goes in
+        // STREAM_FRAGMENT pieces, each published before the next is written.
+        let total = meta.len() + body.len();
+        assert_eq!(next_streamed_frame_len(&tx, total, 0), STREAM_FRAGMENT);
+        assert_eq!(next_frame_len(&tx, total, 0), total);
+        let mut published = Vec::new();
+        let mut prog = WriteProgress { sent: 0 };
+        let done = write_message_streamed(
+            &mut tx,
+            FrameKind::Response,
+            5,
+            meta.len(),
+            &[&meta, &body],
+            &mut prog,
+            &mut |tx| {
+                tx.publish();
+                published.push(tx.bytes_sent());
+            },
+        )
+        .unwrap();
+        assert!(done);
+        let frames = total.div_ceil(STREAM_FRAGMENT);
+        assert_eq!(
+            published.len(),
+            frames - 1,
+            "a publish per fragment but the last"
+        );
+        assert_eq!(published[0], STREAM_FRAGMENT as u64);
+        tx.publish();
+        let mut re = Reassembler::new(2 << 20);
+        let mut n = 0;
+        let mut taken = None;
+        while let Some(f) = rx.peek().unwrap() {
+            n += 1;
+            let h = *f.header();
+            if let Some(mut m) = re.feed(&h, f.payload()).unwrap() {
+                assert_eq!((m.kind, m.stream_id), (FrameKind::Response, 5));
+                assert_eq!(m.meta(), &meta[..]);
+                taken = Some(m.take_body());
+                // Handed over, not copied: the message's body is now empty.
+                assert!(m.body().is_empty());
+            }
+            f.release();
+        }
+        assert_eq!(n, frames);
+        assert!(taken == Some(body), "body differs");
+    }
+
+    #[test]
+    fn metadata_longer_than_the_first_fragment_is_split_off_the_body() {
+        let (mut tx, mut rx) = heap_ring(4096);
+        // Fragments of at most 2 KiB: the metadata spans two of them.
+        let meta: Vec<u8> = (0..3000u32).map(|i| (i % 7) as u8).collect();
+        let body: Vec<u8> = (0..5000u32).map(|i| (i % 11) as u8).collect();
+        let mut prog = WriteProgress { sent: 0 };
+        let mut re = Reassembler::new(1 << 20);
+        let mut got = None;
+        loop {
+            let done = write_message(
+                &mut tx,
+                FrameKind::Request,
+                3,
+                meta.len(),
+                &[&meta, &body],
+                &mut prog,
+            )
+            .unwrap();
+            tx.publish();
+            while let Some(f) = rx.peek().unwrap() {
+                let h = *f.header();
+                if let Some(mut m) = re.feed(&h, f.payload()).unwrap() {
+                    got = Some((m.meta().to_vec(), m.take_body()));
+                }
+                f.release();
+            }
+            rx.publish();
+            if done {
+                break;
+            }
+        }
+        assert!(got == Some((meta, body)), "metadata or body differs");
     }
 
     #[test]

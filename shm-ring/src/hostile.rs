@@ -311,14 +311,14 @@ fn drain(side: Rx<'_>) -> (u64, u64, Option<RingError>) {
             Ok(None) => {}
             Ok(Some(m)) => {
                 messages += 1;
-                assert!(m.data.len() <= max_message, "message over max_message");
-                assert_eq!(m.meta().len() + m.body().len(), m.data.len());
+                assert!(m.len() <= max_message, "message over max_message");
+                assert_eq!(m.meta().len() + m.body().len(), m.len());
                 if !tampered {
                     let want = expected.pop_front().expect("a message nobody sent");
                     assert_eq!(m.kind, want.kind);
                     assert_eq!(m.stream_id, want.stream);
-                    assert_eq!(m.meta_len, want.meta_len);
-                    assert!(m.data == want.data, "message bytes differ");
+                    assert_eq!(m.meta().len(), want.meta_len);
+                    assert!(m.to_vec() == want.data, "message bytes differ");
                 }
             }
             Err(e) => return (frames, messages, Some(e)),

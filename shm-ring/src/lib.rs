@@ -52,7 +52,8 @@ pub use doorbell::{
 };
 pub use error::{RingError, SegmentError};
 pub use fragment::{
-    next_frame_len, write_message, write_message_rest, Message, Reassembler, WriteProgress,
+    next_frame_len, next_streamed_frame_len, write_message, write_message_rest,
+    write_message_streamed, Message, Reassembler, WriteProgress, STREAM_FRAGMENT, STREAM_FROM,
 };
 pub use frame::{
     wire_len, FrameHeader, FrameKind, HeaderError, FLAG_CONT, FLAG_MORE, FRAME_ALIGN, HEADER_LEN,

@@ -165,8 +165,8 @@ proptest! {
                             let i = model.pop_front().expect("message the model lacks");
                             let (sid, meta, data, _) = &msgs[i];
                             prop_assert_eq!(m.stream_id, *sid);
-                            prop_assert_eq!(m.meta_len, *meta);
-                            prop_assert!(m.data == &data[..], "message {} differs", i);
+                            prop_assert_eq!(m.meta().len(), *meta);
+                            prop_assert!(m.to_vec() == data[..], "message {} differs", i);
                             got += 1;
                         }
                         f.release();

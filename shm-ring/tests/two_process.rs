@@ -312,12 +312,12 @@ fn stream_parent(test: &str, bells: &str, n: u64) {
             frames += 1;
             if let Some(m) = re.feed(&h, f.payload()).expect("bad fragments") {
                 assert_eq!(m.stream_id, got, "messages out of order");
-                assert_eq!(m.meta_len, META_LEN);
+                assert_eq!(m.meta().len(), META_LEN);
                 let meta = m.meta();
                 assert_eq!(u64::from_le_bytes(meta[..8].try_into().unwrap()), got);
                 let sum = u64::from_le_bytes(meta[8..].try_into().unwrap());
                 assert_eq!(fnv1a(m.body()), sum, "message {got} corrupted");
-                bytes += m.data.len() as u64;
+                bytes += m.len() as u64;
                 got += 1;
             }
             f.release();

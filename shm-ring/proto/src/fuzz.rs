@@ -105,9 +105,8 @@ pub fn stream(data: &[u8]) {
         }
         match re.feed(&h, payload) {
             Ok(Some(m)) => {
-                assert!(m.data.len() <= max, "message over the limit");
-                assert!(m.meta_len <= m.data.len());
-                assert_eq!(m.meta().len() + m.body().len(), m.data.len());
+                assert!(m.len() <= max, "message over the limit");
+                assert_eq!(m.meta().len() + m.body().len(), m.len());
                 match m.kind {
                     FrameKind::Request => metadata_request(m.meta()),
                     FrameKind::Response => {
