@@ -338,10 +338,11 @@ impl Reassembler {
             let meta_len = hdr.meta_len as usize;
             self.meta.clear();
             self.body.clear();
-            // The whole body at once (msg_len is within max_message): no
-            // reallocation, so no second copy, as fragments arrive.
-            self.body
-                .reserve(hdr.msg_len as usize - meta_len.min(hdr.msg_len as usize));
+            // The whole body at once, so that no reallocation copies it
+            // again as fragments arrive; up to 8 MiB (a peer that declares
+            // a large message and sends a few bytes of it gets no more).
+            let body_len = hdr.msg_len as usize - meta_len.min(hdr.msg_len as usize);
+            self.body.reserve(body_len.min(8 << 20));
             self.gather(meta_len, payload);
             self.open = Some(Open {
                 kind: hdr.kind,
@@ -409,8 +410,8 @@ mod tests {
         while let Some(f) = rx.peek().unwrap() {
             frames += 1;
             let h = *f.header();
-            if let Some(m) = re.feed(&h, f.payload()).unwrap() {
-                *got = Some((m.stream_id, m.meta().to_vec(), m.body().to_vec()));
+            if let Some(mut m) = re.feed(&h, f.payload()).unwrap() {
+                *got = Some((m.stream_id, m.meta().to_vec(), m.take_body()));
             }
             f.release();
         }
@@ -418,11 +419,11 @@ mod tests {
         frames
     }
 
-    #[test]
-    fn big_message_fragments_and_reassembles() {
-        let (mut tx, mut rx) = heap_ring(8192);
-        let meta = b"meta".to_vec();
-        let body: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    /// Write `meta` + `body` as one message through a ring of `capacity`
+    /// (waiting for room by reading), read it back; returns the frames it
+    /// took and the message.
+    fn through_ring(capacity: usize, meta: &[u8], body: &[u8]) -> (usize, Got) {
+        let (mut tx, mut rx) = heap_ring(capacity);
         let mut prog = WriteProgress { sent: 0 };
         let mut re = Reassembler::new(1 << 20);
         let mut got = None;
@@ -433,16 +434,23 @@ mod tests {
                 FrameKind::Request,
                 9,
                 meta.len(),
-                &[&meta, &body],
+                &[meta, body],
                 &mut prog,
             )
             .unwrap();
             tx.publish();
             frames += read_all(&mut rx, &mut re, &mut got);
             if done {
-                break;
+                return (frames, got);
             }
         }
+    }
+
+    #[test]
+    fn big_message_fragments_and_reassembles() {
+        let meta = b"meta".to_vec();
+        let body: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (frames, got) = through_ring(8192, &meta, &body);
         assert!(frames > 10, "expected fragmentation, got {frames} frames");
         assert_eq!(got, Some((9, meta, body)));
     }
@@ -502,37 +510,12 @@ mod tests {
 
     #[test]
     fn metadata_longer_than_the_first_fragment_is_split_off_the_body() {
-        let (mut tx, mut rx) = heap_ring(4096);
         // Fragments of at most 2 KiB: the metadata spans two of them.
         let meta: Vec<u8> = (0..3000u32).map(|i| (i % 7) as u8).collect();
         let body: Vec<u8> = (0..5000u32).map(|i| (i % 11) as u8).collect();
-        let mut prog = WriteProgress { sent: 0 };
-        let mut re = Reassembler::new(1 << 20);
-        let mut got = None;
-        loop {
-            let done = write_message(
-                &mut tx,
-                FrameKind::Request,
-                3,
-                meta.len(),
-                &[&meta, &body],
-                &mut prog,
-            )
-            .unwrap();
-            tx.publish();
-            while let Some(f) = rx.peek().unwrap() {
-                let h = *f.header();
-                if let Some(mut m) = re.feed(&h, f.payload()).unwrap() {
-                    got = Some((m.meta().to_vec(), m.take_body()));
-                }
-                f.release();
-            }
-            rx.publish();
-            if done {
-                break;
-            }
-        }
-        assert!(got == Some((meta, body)), "metadata or body differs");
+        let (frames, got) = through_ring(4096, &meta, &body);
+        assert!(frames >= 4, "{frames} frames");
+        assert!(got == Some((9, meta, body)), "metadata or body differs");
     }
 
     #[test]
