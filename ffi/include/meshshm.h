@@ -35,6 +35,11 @@
 // headers), with struct_size set: `meshshm_call_options o = MESHSHM_CALL_OPTIONS_INIT;`
 #define MESHSHM_CALL_OPTIONS_INIT { sizeof(meshshm_call_options), 0, 1, NULL, 0 }
 
+// The default meshshm_client_options (the default socket, no service or
+// token, the proxy's ring size, polling as meshshm_client_connect does),
+// with struct_size set: `meshshm_client_options o = MESHSHM_CLIENT_OPTIONS_INIT;`
+#define MESHSHM_CLIENT_OPTIONS_INIT { sizeof(meshshm_client_options), NULL, NULL, NULL, 0, MESHSHM_SPIN_DEFAULT, 1, 0 }
+
 
 // The ABI major version: the `0` of the soname `libmeshshm.so.0`.
 #define MESHSHM_ABI_VERSION 0
@@ -79,6 +84,10 @@
 
 // An operating-system call failed (eventfd, poll, thread creation).
 #define MESHSHM_ERR_SYSTEM -12
+
+// Polls of the ring before a wait sleeps, by default (`spin` of
+// `meshshm_client_options`).
+#define MESHSHM_SPIN_DEFAULT 2000
 
 // A connection to the sidecar proxy for outbound calls (opaque).
 //
@@ -164,6 +173,32 @@ typedef struct {
   // NULL on success, else the error message (NUL-terminated)
   char *error;
 } meshshm_completion;
+
+// How a client connects, for `meshshm_client_connect_opts`.
+//
+// Set `struct_size` to `sizeof(meshshm_client_options)` as for
+// `meshshm_call_options`. In C, start from `MESHSHM_CLIENT_OPTIONS_INIT`
+// (the defaults of `meshshm_client_connect`).
+typedef struct {
+  // `sizeof(meshshm_client_options)` as the caller was compiled with
+  size_t struct_size;
+  // the proxy's control socket; NULL or "": the default
+  const char *socket_path;
+  // the service this app is, for the proxy's access rules; NULL: none
+  const char *service;
+  // a token presented at the handshake; NULL: none
+  const char *token;
+  // ring size per direction in bytes; 0: the proxy's default
+  uint64_t ring_size;
+  // polls of the ring before a wait sleeps on the doorbell (default
+  // `MESHSHM_SPIN_DEFAULT`; 0: never poll, every wait a doorbell)
+  uint32_t spin;
+  // 1 (default): the polling follows the load (none once answers take
+  // longer than the poll); 0: every wait polls all of `spin` first
+  uint8_t spin_adaptive;
+  // limit for connecting and the handshake, in ms; 0: the default (5 s)
+  uint32_t connect_timeout_ms;
+} meshshm_client_options;
 
 // Headers owned by libmeshshm until `meshshm_headers_free`; `{ NULL, 0 }`
 // when there are none.
@@ -316,6 +351,17 @@ void meshshm_buffer_free(meshshm_buffer *b);
 // `socket_path` is NULL or a NUL-terminated string; `out` is NULL or
 // writable.
 int meshshm_client_connect(const char *socket_path, meshshm_client **out);
+
+// As `meshshm_client_connect`, with `options` (NULL: the defaults): the
+// socket, the service this app is and its token, the ring size, and how
+// long a wait polls the ring before it sleeps (`spin`, `spin_adaptive`;
+// `spin = 0` is doorbells only: least CPU, a wake-up per answer).
+//
+// # Safety
+// `options` is NULL or points to a `meshshm_client_options` whose first
+// `struct_size` bytes are readable, its strings NUL-terminated or NULL;
+// `out` is NULL or writable.
+int meshshm_client_connect_opts(const meshshm_client_options *options, meshshm_client **out);
 
 // Call `service`/`method` with `body_len` bytes at `body` (NULL is fine when
 // `body_len` is 0) and wait for the answer, at most `timeout_ms`

@@ -134,11 +134,7 @@ fn state(h: &ClientHandle) -> Res<&Arc<AsyncState>> {
         return Ok(s);
     }
     let rt = runtime()?;
-    let opts = shim::ClientOptions {
-        socket: h.socket.clone(),
-        ..shim::ClientOptions::default()
-    };
-    let client = rt.block_on(shim::AsyncClient::connect(opts))?;
+    let client = rt.block_on(shim::AsyncClient::connect(h.opts.clone()))?;
     let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
         .map_err(|e| Fail::sys("eventfd", e))?;
     let s = Arc::new(AsyncState {

@@ -8,7 +8,9 @@ use crate::args::{bytes_arg, out_arg, path_arg, str_arg};
 use crate::asynch::AsyncState;
 use crate::buffer::meshshm_buffer;
 use crate::error::{guard, guard_void, response_result, Fail, Res, MESHSHM_OK};
-use crate::options::{call_options, meshshm_call_options, CallOpts};
+use crate::options::{
+    call_options, client_options, meshshm_call_options, meshshm_client_options, CallOpts,
+};
 
 /// A connection to the sidecar proxy for outbound calls (opaque).
 ///
@@ -25,7 +27,8 @@ pub struct meshshm_client {
 /// What a `*mut meshshm_client` really points to.
 pub(crate) struct ClientHandle {
     pub(crate) client: shim::Client,
-    pub(crate) socket: Option<PathBuf>,
+    /// How it connected (the asynchronous side connects the same way).
+    pub(crate) opts: shim::ClientOptions,
     /// The asynchronous side, set up on first use.
     pub(crate) asynch: OnceLock<Arc<AsyncState>>,
     pub(crate) asynch_init: Mutex<()>,
@@ -104,16 +107,49 @@ pub unsafe extern "C" fn meshshm_client_connect(
         *out = std::ptr::null_mut();
         // SAFETY: as above.
         let path = unsafe { path_arg(socket_path) }?;
-        let client = shim::Client::connect(path)?;
-        let h = Box::new(ClientHandle {
-            client,
+        let opts = shim::ClientOptions {
             socket: path.map(PathBuf::from),
-            asynch: OnceLock::new(),
-            asynch_init: Mutex::new(()),
-        });
-        *out = Box::into_raw(h).cast::<meshshm_client>();
+            ..shim::ClientOptions::default()
+        };
+        *out = connect(opts)?;
         Ok(MESHSHM_OK)
     })
+}
+
+/// As `meshshm_client_connect`, with `options` (NULL: the defaults): the
+/// socket, the service this app is and its token, the ring size, and how
+/// long a wait polls the ring before it sleeps (`spin`, `spin_adaptive`;
+/// `spin = 0` is doorbells only: least CPU, a wake-up per answer).
+///
+/// # Safety
+/// `options` is NULL or points to a `meshshm_client_options` whose first
+/// `struct_size` bytes are readable, its strings NUL-terminated or NULL;
+/// `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn meshshm_client_connect_opts(
+    options: *const meshshm_client_options,
+    out: *mut *mut meshshm_client,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller's promises, passed on.
+        let out = unsafe { out_arg(out, "out") }?;
+        *out = std::ptr::null_mut();
+        // SAFETY: as above.
+        let opts = unsafe { client_options(options) }?;
+        *out = connect(opts)?;
+        Ok(MESHSHM_OK)
+    })
+}
+
+fn connect(opts: shim::ClientOptions) -> Res<*mut meshshm_client> {
+    let client = shim::Client::with_options(opts.clone())?;
+    let h = Box::new(ClientHandle {
+        client,
+        opts,
+        asynch: OnceLock::new(),
+        asynch_init: Mutex::new(()),
+    });
+    Ok(Box::into_raw(h).cast::<meshshm_client>())
 }
 
 /// Call `service`/`method` with `body_len` bytes at `body` (NULL is fine when

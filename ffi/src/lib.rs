@@ -59,7 +59,7 @@ pub use asynch::{
 pub use buffer::{meshshm_buffer, meshshm_buffer_free};
 pub use client::{
     meshshm_client, meshshm_client_call, meshshm_client_call_opts, meshshm_client_close,
-    meshshm_client_connect,
+    meshshm_client_connect, meshshm_client_connect_opts,
 };
 pub use error::{
     MESHSHM_ERR_CANCELLED, MESHSHM_ERR_CLOSED, MESHSHM_ERR_CONNECT, MESHSHM_ERR_INTERNAL,
@@ -67,7 +67,10 @@ pub use error::{
     MESHSHM_ERR_PROXY_GONE, MESHSHM_ERR_REJECTED, MESHSHM_ERR_STATUS, MESHSHM_ERR_SYSTEM,
     MESHSHM_ERR_TIMEOUT, MESHSHM_OK,
 };
-pub use options::{meshshm_call_options, meshshm_header, meshshm_headers, meshshm_headers_free};
+pub use options::{
+    meshshm_call_options, meshshm_client_options, meshshm_header, meshshm_headers,
+    meshshm_headers_free, MESHSHM_SPIN_DEFAULT,
+};
 pub use server::{
     meshshm_request, meshshm_request_free, meshshm_server, meshshm_server_bind,
     meshshm_server_close, meshshm_server_is_cancelled, meshshm_server_next,

@@ -103,18 +103,37 @@ pub(crate) unsafe fn call_options(p: *const meshshm_call_options) -> Res<CallOpt
     if p.is_null() {
         return Ok(CallOpts::plain(0));
     }
+    // SAFETY: the caller's promise, passed on.
+    let o = unsafe { versioned(p, "meshshm_call_options") }?;
+    // SAFETY: the caller's promise about the headers, passed on.
+    let headers = unsafe { headers_arg(o.headers, o.headers_len) }?;
+    Ok(CallOpts {
+        timeout: call_timeout(o.timeout_ms),
+        priority: o.priority,
+        headers,
+    })
+}
+
+/// A versioned struct whose first field is its `struct_size`: checked
+/// (not smaller than ours, not absurd, any bytes past ours 0) and borrowed.
+///
+/// # Safety
+/// `p` is not NULL and points to a `T` whose first field is a `usize` and
+/// whose first `struct_size` bytes are readable and not modified while the
+/// borrow lives.
+unsafe fn versioned<'a, T>(p: *const T, name: &str) -> Res<&'a T> {
     // SAFETY: not NULL, and the caller promises at least the struct's
     // first field (`struct_size`) readable.
-    let size = unsafe { std::ptr::addr_of!((*p).struct_size).read() };
-    let ours = size_of::<meshshm_call_options>();
+    let size = unsafe { p.cast::<usize>().read_unaligned() };
+    let ours = size_of::<T>();
     if size < ours {
         return Err(Fail::arg(format!(
-            "options.struct_size is {size}, expected sizeof(meshshm_call_options) = {ours}"
+            "options.struct_size is {size}, expected sizeof({name}) = {ours}"
         )));
     }
     if size > MAX_STRUCT_SIZE {
         return Err(Fail::arg(format!(
-            "options.struct_size is {size}: not a size of meshshm_call_options"
+            "options.struct_size is {size}: not a size of {name}"
         )));
     }
     if size > ours {
@@ -128,15 +147,77 @@ pub(crate) unsafe fn call_options(p: *const meshshm_call_options) -> Res<CallOpt
         }
     }
     // SAFETY: `struct_size` >= our size, so the whole struct is readable
-    // (the caller's promise), and it is not modified during the call.
-    let o = unsafe { &*p };
-    // SAFETY: the caller's promise about the headers, passed on.
-    let headers = unsafe { headers_arg(o.headers, o.headers_len) }?;
-    Ok(CallOpts {
-        timeout: call_timeout(o.timeout_ms),
-        priority: o.priority,
-        headers,
-    })
+    // (the caller's promise), and it is not modified meanwhile.
+    Ok(unsafe { &*p })
+}
+
+/// Polls of the ring before a wait sleeps, by default (`spin` of
+/// `meshshm_client_options`).
+pub const MESHSHM_SPIN_DEFAULT: u32 = 2000;
+
+/// How a client connects, for `meshshm_client_connect_opts`.
+///
+/// Set `struct_size` to `sizeof(meshshm_client_options)` as for
+/// `meshshm_call_options`. In C, start from `MESHSHM_CLIENT_OPTIONS_INIT`
+/// (the defaults of `meshshm_client_connect`).
+#[repr(C)]
+#[allow(non_camel_case_types)]
+#[derive(Debug)]
+pub struct meshshm_client_options {
+    /// `sizeof(meshshm_client_options)` as the caller was compiled with
+    pub struct_size: usize,
+    /// the proxy's control socket; NULL or "": the default
+    pub socket_path: *const c_char,
+    /// the service this app is, for the proxy's access rules; NULL: none
+    pub service: *const c_char,
+    /// a token presented at the handshake; NULL: none
+    pub token: *const c_char,
+    /// ring size per direction in bytes; 0: the proxy's default
+    pub ring_size: u64,
+    /// polls of the ring before a wait sleeps on the doorbell (default
+    /// `MESHSHM_SPIN_DEFAULT`; 0: never poll, every wait a doorbell)
+    pub spin: u32,
+    /// 1 (default): the polling follows the load (none once answers take
+    /// longer than the poll); 0: every wait polls all of `spin` first
+    pub spin_adaptive: u8,
+    /// limit for connecting and the handshake, in ms; 0: the default (5 s)
+    pub connect_timeout_ms: u32,
+}
+
+/// The shim's options from a `meshshm_client_options` (NULL: the defaults).
+///
+/// # Safety
+/// `p` is NULL or points to a `meshshm_client_options` whose first
+/// `struct_size` bytes are readable, with NUL-terminated strings (or NULL),
+/// for the duration of this call.
+pub(crate) unsafe fn client_options(p: *const meshshm_client_options) -> Res<shim::ClientOptions> {
+    let mut opts = shim::ClientOptions::default();
+    if p.is_null() {
+        return Ok(opts);
+    }
+    // SAFETY: the caller's promise, passed on.
+    let o = unsafe { versioned(p, "meshshm_client_options") }?;
+    // SAFETY: the caller's promise about the strings, passed on (below too).
+    opts.socket = unsafe { crate::args::path_arg(o.socket_path) }?.map(Into::into);
+    if !o.service.is_null() {
+        // SAFETY: as above.
+        opts.service = unsafe { str_arg(o.service, "options.service") }?.to_owned();
+    }
+    if !o.token.is_null() {
+        // SAFETY: as above.
+        opts.token = unsafe { str_arg(o.token, "options.token") }?.to_owned();
+    }
+    opts.ring_size = o.ring_size;
+    opts.spin = o.spin;
+    opts.spin_adaptive = match o.spin_adaptive {
+        0 => false,
+        1 => true,
+        x => return Err(Fail::arg(format!("options.spin_adaptive is {x}: 0 or 1"))),
+    };
+    if o.connect_timeout_ms > 0 {
+        opts.connect_timeout = Duration::from_millis(o.connect_timeout_ms.into());
+    }
+    Ok(opts)
 }
 
 /// Copy `len` headers at `p`, checking each.

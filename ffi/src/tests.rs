@@ -351,3 +351,36 @@ fn new_functions_refuse_null_handles() {
         assert!(hs.data.is_null() && hs.len == 0);
     }
 }
+
+#[test]
+fn client_options_default_as_connect_does_and_bad_ones_are_refused() {
+    assert_eq!(
+        MESHSHM_SPIN_DEFAULT,
+        shim::ClientOptions::default().spin,
+        "MESHSHM_CLIENT_OPTIONS_INIT must poll as meshshm_client_connect"
+    );
+    let o = meshshm_client_options {
+        struct_size: std::mem::size_of::<meshshm_client_options>(),
+        socket_path: ptr::null(),
+        service: ptr::null(),
+        token: ptr::null(),
+        ring_size: 0,
+        spin: 0,
+        spin_adaptive: 3,
+        connect_timeout_ms: 0,
+    };
+    let mut c: *mut meshshm_client = ptr::null_mut();
+    // SAFETY: `o` is a whole, valid options struct; `c` is writable.
+    unsafe {
+        assert_eq!(
+            meshshm_client_connect_opts(&o, &mut c),
+            MESHSHM_ERR_INVALID_ARGUMENT
+        );
+        assert!(c.is_null());
+        assert!(last_error_text().contains("spin_adaptive is 3"));
+        assert_eq!(
+            meshshm_client_connect_opts(ptr::null(), ptr::null_mut()),
+            MESHSHM_ERR_INVALID_ARGUMENT
+        );
+    }
+}

@@ -178,6 +178,56 @@ static int test_echo_sizes(void) {
     return 0;
 }
 
+/* meshshm_client_connect_opts: doorbells only (spin 0), then fixed polling,
+ * each echoing 1 KiB and 1 MiB (sync and async); bad options refused. */
+static int test_client_options(void) {
+    size_t sizes[] = {1024, 1 << 20};
+    uint32_t spins[] = {0, 5000};
+    for (int s = 0; s < 2; s++) {
+        meshshm_client_options o = MESHSHM_CLIENT_OPTIONS_INIT;
+        CHECK(o.spin == MESHSHM_SPIN_DEFAULT && o.spin_adaptive == 1);
+        o.socket_path = sock;
+        o.service = "c-test";
+        o.spin = spins[s];
+        o.spin_adaptive = (uint8_t)(s == 0);
+        o.connect_timeout_ms = 3000;
+        meshshm_client *c;
+        CHECK(meshshm_client_connect_opts(&o, &c) == MESHSHM_OK);
+        for (size_t k = 0; k < 2; k++) {
+            size_t n = sizes[k];
+            uint8_t *body = malloc(n);
+            for (size_t i = 0; i < n; i++) body[i] = (uint8_t)(i * 7 + s);
+            meshshm_buffer r;
+            CHECK(meshshm_client_call(c, "echo", "Echo", body, n, 10000, &r) == MESHSHM_OK);
+            CHECK(r.len == n && memcmp(r.data, body, n) == 0);
+            meshshm_buffer_free(&r);
+            /* The async side connects with the same options. */
+            uint64_t id;
+            CHECK(meshshm_client_send(c, "echo", "Echo", body, n, 10000, 7, &id) == MESHSHM_OK);
+            meshshm_completion done;
+            int got = 0;
+            for (int tries = 0; tries < 1000 && got == 0; tries++) got = meshshm_client_poll(c, &done, 1, 10);
+            CHECK(got == 1 && done.call_id == id && done.user_data == 7 && done.result == MESHSHM_OK);
+            CHECK(done.body.len == n && memcmp(done.body.data, body, n) == 0);
+            meshshm_completion_free(&done);
+            free(body);
+        }
+        meshshm_client_close(c);
+    }
+    meshshm_client_options bad = MESHSHM_CLIENT_OPTIONS_INIT;
+    meshshm_client *c = NULL;
+    bad.socket_path = sock;
+    bad.spin_adaptive = 2;
+    CHECK(meshshm_client_connect_opts(&bad, &c) == MESHSHM_ERR_INVALID_ARGUMENT && c == NULL);
+    CHECK(strstr(meshshm_last_error(), "spin_adaptive") != NULL);
+    bad.spin_adaptive = 1;
+    bad.struct_size = 8;
+    CHECK(meshshm_client_connect_opts(&bad, &c) == MESHSHM_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(meshshm_last_error(), "struct_size") != NULL);
+    CHECK(meshshm_client_connect_opts(&bad, NULL) == MESHSHM_ERR_INVALID_ARGUMENT);
+    return 0;
+}
+
 static int test_unknown_service(void) {
     meshshm_client *c;
     CHECK(meshshm_client_connect(sock, &c) == MESHSHM_OK);
@@ -530,6 +580,7 @@ int main(void) {
     } tests[] = {
         {"bad_arguments", test_bad_arguments},
         {"echo_sizes", test_echo_sizes},
+        {"client_options", test_client_options},
         {"unknown_service", test_unknown_service},
         {"proxy_not_running", test_proxy_not_running},
         {"c_server", test_c_server},
