@@ -112,7 +112,6 @@ struct Out {
 fn serve(mut ep: Endpoint, spin: IdlePoll) -> Result<(), String> {
     let mut reasm = Reassembler::new(ep.max_message as usize);
     let mut out: VecDeque<Out> = VecDeque::new();
-    let mut sent_mark = ep.tx.bytes_sent();
     loop {
         let mut moved = flush_out(&mut ep.tx, &mut out)?;
         if out.is_empty() {
@@ -138,8 +137,7 @@ fn serve(mut ep: Endpoint, spin: IdlePoll) -> Result<(), String> {
             ..
         } = &mut ep;
         // (Longer after a large answer, as the proxy: IdlePoll.)
-        let plan = spin.start(tx.bytes_sent() - sent_mark);
-        sent_mark = tx.bytes_sent();
+        let plan = spin.start(tx.bytes_sent());
         let pending = !out.is_empty();
         // As the proxy: woken for room only while answers wait for it.
         waiter.set_want(if pending {
@@ -415,8 +413,6 @@ impl FloorConn {
             ..
         } = &mut self.ep;
         send_message(tx, peer, &self.ctl, id, &self.meta, body)?;
-        // (As the shim: the wait after a large request polls longer.)
-        let mut sent = (self.meta.len() + body.len()) as u64;
         loop {
             let mut got: Option<Result<(), String>> = None;
             drain(rx, &mut self.reasm, peer, &mut |sid, r| {
@@ -435,8 +431,9 @@ impl FloorConn {
                 return r;
             }
             let out = waiter
+                // (As the shim: the wait after a large request polls longer.)
                 .wait_after(
-                    std::mem::take(&mut sent),
+                    tx.bytes_sent(),
                     || rx.has_data().unwrap_or(true),
                     None,
                     None,
@@ -504,7 +501,6 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
         Box::new(ftx),
         move |mux: Arc<Mux>| {
             let mut reasm = Reassembler::new(max_message as usize);
-            let mut sent_mark = 0;
             loop {
                 if let Err(e) = drain(&mut rx, &mut reasm, &peer, &mut |sid, r| {
                     mux.deliver(sid, r.map(Message::take_body))
@@ -515,11 +511,8 @@ pub fn connect_mux(ctl: &UnixStream, o: &FloorOpts) -> Result<MuxConn, String> {
                 if closing.load(Ordering::Acquire) {
                     return;
                 }
-                let now = published.load(Ordering::Relaxed);
-                let sent = now.wrapping_sub(sent_mark);
-                sent_mark = now;
                 match waiter.wait_after(
-                    sent,
+                    published.load(Ordering::Relaxed),
                     || closing.load(Ordering::Acquire) || rx.has_data().unwrap_or(true),
                     None,
                     None,

@@ -98,8 +98,6 @@ pub(crate) enum Rest {
 pub(crate) struct RxState {
     consumer: Consumer,
     reasm: Reassembler,
-    /// `published` as of the last wait.
-    sent_mark: u64,
 }
 
 /// Settings of the handshake.
@@ -199,7 +197,6 @@ impl ShmLink {
             rx: Mutex::new(RxState {
                 consumer: rx,
                 reasm: Reassembler::new(max_message as usize),
-                sent_mark: 0,
             }),
             waiter,
             peer,
@@ -458,9 +455,7 @@ impl ShmLink {
         mut on: impl FnMut(&mut Message<'_>) -> Result<()>,
     ) -> Result<usize> {
         let mut n = 0;
-        let RxState {
-            consumer, reasm, ..
-        } = rx;
+        let RxState { consumer, reasm } = rx;
         while n < max {
             let Some(f) = consumer.peek()? else { break };
             let h = *f.header();
@@ -494,13 +489,10 @@ impl ShmLink {
     /// Wait until the ring has data, the deadline passes, or the proxy dies.
     pub(crate) fn wait(&self, rx: &mut RxState, deadline: Option<Instant>) -> Result<WaitOutcome> {
         use std::sync::atomic::Ordering::Acquire;
-        let published = self.published.load(Ordering::Relaxed);
-        let sent = published.wrapping_sub(rx.sent_mark);
-        rx.sent_mark = published;
         let out = self
             .waiter
             .wait_after(
-                sent,
+                self.published.load(Ordering::Relaxed),
                 || rx.consumer.has_data().unwrap_or(true) || self.interrupted.load(Acquire),
                 deadline,
                 None,

@@ -869,7 +869,6 @@ impl Session {
             u32::try_from(self.sh.cfg.shm.spin_us).unwrap_or(u32::MAX),
             self.sh.cfg.shm.spin_adaptive,
         );
-        let mut sent_mark = self.ep.tx.bytes_sent();
         let mut draining = false;
         // Yield to the other sessions of this worker at most every SLICE:
         // a tokio yield may poll the I/O driver (a syscall), so yielding per
@@ -911,9 +910,7 @@ impl Session {
                 now = Instant::now();
                 slice_start = now;
             }
-            let sent = self.ep.tx.bytes_sent() - sent_mark;
-            sent_mark = self.ep.tx.bytes_sent();
-            let plan = spin.start(sent);
+            let plan = spin.start(self.ep.tx.bytes_sent());
             let poll_for = Duration::from_micros(plan.budget_us.into());
             let t0 = now;
             let mut polled = Duration::ZERO;

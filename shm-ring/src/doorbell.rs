@@ -453,20 +453,21 @@ impl Waiter {
         self.sleep_until(ready, deadline, extra)
     }
 
-    /// As [`Waiter::wait_until`], for a wait that follows `sent` bytes sent
-    /// to the peer since the last one: a large message earns a longer poll,
-    /// by time ([`FollowPoll`]), instead of the general one.
+    /// As [`Waiter::wait_until`], given `sent_total`, the running count of
+    /// bytes sent to the peer so far: a large message sent since the last
+    /// wait earns a longer poll, by time ([`FollowPoll`]), instead of the
+    /// general one.
     ///
     /// # Errors
     /// A failing syscall.
     pub fn wait_after(
         &self,
-        sent: u64,
+        sent_total: u64,
         mut ready: impl FnMut() -> bool,
         deadline: Option<Instant>,
         extra: Option<BorrowedFd<'_>>,
     ) -> io::Result<WaitOutcome> {
-        let Some(plan) = self.follow.start(sent, 0) else {
+        let Some(plan) = self.follow.start(sent_total, 0) else {
             return self.wait_until(ready, deadline, extra);
         };
         let t0 = Instant::now();

@@ -14,7 +14,7 @@
 //! read in fragments has many short waits and one long one per message,
 //! and the short ones must not undo what the long ones taught.
 
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// With no budget left, one wait in this many polls with the whole budget.
 pub const PROBE_EVERY: u32 = 16;
@@ -130,10 +130,22 @@ pub const FOLLOW_MAX_US: u32 = 2_000;
 /// a fraction that adapts like an [`AdaptiveSpin`] (in sixteenths: halved
 /// on each miss, so a peer that takes large messages and goes quiet stops
 /// it after five, then a probe every [`PROBE_EVERY`]).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct FollowPoll {
     /// Sixteenths of the bytes' poll time to use.
     scale: AdaptiveSpin,
+    /// The running count of bytes sent as of the last wait.
+    mark: AtomicU64,
+}
+
+impl Clone for FollowPoll {
+    /// A fresh fraction (as [`AdaptiveSpin`]'s clone), the same mark.
+    fn clone(&self) -> Self {
+        FollowPoll {
+            scale: self.scale.clone(),
+            mark: AtomicU64::new(self.mark.load(Relaxed)),
+        }
+    }
 }
 
 /// One follow poll, from [`FollowPoll::start`].
@@ -150,13 +162,16 @@ impl FollowPoll {
     pub fn new(enabled: bool, adaptive: bool) -> FollowPoll {
         FollowPoll {
             scale: AdaptiveSpin::new(if enabled { 16 } else { 0 }, adaptive),
+            mark: AtomicU64::new(0),
         }
     }
 
-    /// The poll of a wait after `sent` bytes went to the peer since the
-    /// last one, if it earns one longer than `at_least_us` (the poll the
-    /// caller would make anyway).
-    pub fn start(&self, sent: u64, at_least_us: u32) -> Option<FollowPlan> {
+    /// The poll of a wait, given `sent_total`, the running count of bytes
+    /// sent to the peer so far (e.g. [`crate::Producer::bytes_sent`]): what
+    /// went since the last wait may earn a poll longer than `at_least_us`
+    /// (the poll the caller would make anyway).
+    pub fn start(&self, sent_total: u64, at_least_us: u32) -> Option<FollowPlan> {
+        let sent = sent_total.wrapping_sub(self.mark.swap(sent_total, Relaxed));
         if sent < FOLLOW_FROM || self.scale.max() == 0 {
             return None;
         }
@@ -216,10 +231,10 @@ impl IdlePoll {
         }
     }
 
-    /// The poll of a wait that starts after `sent` bytes went to the peer
-    /// since the last one.
-    pub fn start(&self, sent: u64) -> PollPlan {
-        match self.follow.start(sent, self.base.max()) {
+    /// The poll of a wait, given the running count of bytes sent to the
+    /// peer so far (see [`FollowPoll::start`]).
+    pub fn start(&self, sent_total: u64) -> PollPlan {
+        match self.follow.start(sent_total, self.base.max()) {
             Some(f) => PollPlan {
                 budget_us: f.budget_us,
                 follow: Some(f),
@@ -348,42 +363,53 @@ mod tests {
 
     #[test]
     fn a_large_message_sent_earns_a_longer_poll_that_adapts() {
+        // Each poll is given the running count of bytes sent: `send(n)`
+        // sends n more, then starts a wait.
+        fn sender(p: &IdlePoll) -> impl Fn(u64) -> PollPlan + '_ {
+            let total = std::cell::Cell::new(0u64);
+            move |n| {
+                total.set(total.get() + n);
+                p.start(total.get())
+            }
+        }
         let p = IdlePoll::new(20, true);
+        let send = sender(&p);
         // Small messages: the general budget.
-        assert_eq!(p.start(1024).budget_us, 20);
-        assert_eq!(p.start(FOLLOW_FROM - 1).budget_us, 20);
+        assert_eq!(send(1024).budget_us, 20);
+        assert_eq!(send(FOLLOW_FROM - 1).budget_us, 20);
         // 1 MiB: 820 µs.
-        let big = p.start(1 << 20);
+        let big = send(1 << 20);
         assert_eq!(big.budget_us, 820);
         // Ended late in it: kept.
         p.hit(big, 600);
-        assert_eq!(p.start(1 << 20).budget_us, 820);
+        assert_eq!(send(1 << 20).budget_us, 820);
         // Capped.
-        assert_eq!(p.start(1 << 40).budget_us, FOLLOW_MAX_US);
+        assert_eq!(send(1 << 40).budget_us, FOLLOW_MAX_US);
+        // Nothing sent since the last wait: the general budget.
+        assert_eq!(send(0).budget_us, 20);
         // Missed five times: no follow poll (the general budget, untouched
         // by the follow misses), then a probe every PROBE_EVERY.
         for want in [820, 410, 205, 102] {
-            let b = p.start(1 << 20);
+            let b = send(1 << 20);
             assert_eq!(b.budget_us, want);
             p.missed(b);
         }
         // 820/16 = 51 µs, the fifth.
-        let b = p.start(1 << 20);
+        let b = send(1 << 20);
         assert_eq!(b.budget_us, 51);
         p.missed(b);
-        let plans: Vec<u32> = (0..PROBE_EVERY)
-            .map(|_| p.start(1 << 20).budget_us)
-            .collect();
+        let plans: Vec<u32> = (0..PROBE_EVERY).map(|_| send(1 << 20).budget_us).collect();
         assert!(plans.contains(&820), "{plans:?}");
         // The general budget learned nothing from the follow polls.
-        assert_eq!(p.start(0).budget_us, 20);
+        assert_eq!(send(0).budget_us, 20);
         // No polling at all stays so.
         let none = IdlePoll::new(0, true);
-        assert_eq!(none.start(1 << 20).budget_us, 0);
+        assert_eq!(sender(&none)(1 << 20).budget_us, 0);
         // Fixed: always the whole follow poll.
         let fixed = IdlePoll::new(20, false);
+        let send_fixed = sender(&fixed);
         for _ in 0..10 {
-            let b = fixed.start(1 << 20);
+            let b = send_fixed(1 << 20);
             assert_eq!(b.budget_us, 820);
             fixed.missed(b);
         }

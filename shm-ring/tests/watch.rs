@@ -121,9 +121,10 @@ fn pin(cpu: usize) {
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).unwrap();
 }
 
-/// 40 waits for an answer that comes ~100 µs after each request (the peer
-/// copying it); the waiter polls 10 times (a few µs) in general. The two
-/// threads on CPUs 0 and 1. Returns how many times the waiter slept.
+/// 40 waits, each after sending `after_sending` bytes, for an answer that
+/// comes ~100 µs after each request (the peer copying it); the waiter
+/// polls 10 times (a few µs) in general. The two threads on CPUs 0 and 1.
+/// Returns how many times the waiter slept.
 fn sleeps_waiting_for_answers(after_sending: u64) -> u64 {
     let (mut waiter, notifier) = heap_doorbell(Bell::Futex, 0);
     waiter.set_spin(10);
@@ -149,7 +150,7 @@ fn sleeps_waiting_for_answers(after_sending: u64) -> u64 {
         req.store(i, Ordering::Release);
         let out = waiter
             .wait_after(
-                after_sending,
+                u64::from(i) * after_sending,
                 || resp.load(Ordering::Acquire) >= i,
                 Some(Instant::now() + Duration::from_secs(10)),
                 None,
